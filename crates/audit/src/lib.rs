@@ -1,0 +1,1 @@
+//! Sealpost crate (scaffold).
