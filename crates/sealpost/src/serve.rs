@@ -1,0 +1,170 @@
+//! `sealpost serve`: open the state, bind the listeners, run until SIGTERM; SIGHUP reloads.
+
+use crate::{admin, certs};
+use anyhow::{Context, Result};
+use sealpost_audit::{AuditLog, AuditOptions, Event, Record};
+use sealpost_config::Config;
+use sealpost_queue::{Keyring, Queue, QueueOptions};
+use sealpost_submission::{Runtime, Shared};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+
+/// How long sessions in flight may take to finish after SIGTERM.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where the configuration comes from, for reloads.
+#[derive(Debug, Clone)]
+pub enum ConfigSource {
+    /// A file given with --config.
+    File(PathBuf),
+    /// The embedded `config/sealpost.toml`.
+    Embedded,
+}
+
+impl ConfigSource {
+    /// Loads and validates the configuration.
+    pub fn load(&self) -> Result<Config, sealpost_config::ConfigError> {
+        match self {
+            ConfigSource::File(p) => Config::load(p),
+            ConfigSource::Embedded => Config::load_default(),
+        }
+    }
+}
+
+/// Opens the queue, generating the default key on first start.
+pub fn open_queue(config: &Config) -> Result<Queue> {
+    let key = config.queue_key_file();
+    if !key.exists() && config.queue.key_file.is_none() {
+        ensure_dir(&config.server.state_dir)?;
+        Keyring::generate(&key)
+            .with_context(|| format!("generating queue key {}", key.display()))?;
+        tracing::warn!(
+            key = %key.display(),
+            "GENERATED A NEW QUEUE KEY inside state_dir. For production keep queue.key_file apart from the data (e.g. systemd LoadCredential=) and back it up: without it the queue cannot be read."
+        );
+    }
+    let keys = Keyring::load(&key, &config.queue.previous_key_files)
+        .with_context(|| format!("loading queue key (queue.key_file = {})", key.display()))?;
+    let opts = QueueOptions {
+        dir: config.queue_dir(),
+        retry: config.queue.retry.iter().map(|d| d.0).collect(),
+        lifetime: config.queue.lifetime.0,
+        lease: Duration::from_secs(600),
+    };
+    Queue::open(opts, keys)
+        .with_context(|| format!("opening the queue in {}", config.queue_dir().display()))
+}
+
+/// Opens the audit log.
+pub fn open_audit(config: &Config) -> Result<AuditLog> {
+    let path = config.audit_path();
+    let opts = AuditOptions {
+        path: path.clone(),
+        rotate_bytes: config.audit.rotate_size.0,
+    };
+    AuditLog::open(opts).with_context(|| format!("opening the audit log {}", path.display()))
+}
+
+fn ensure_dir(dir: &Path) -> Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating state directory {}", dir.display()))
+}
+
+fn runtime(config: Config) -> Result<Runtime> {
+    let (cert, key) = certs::listener_certificate(&config)?;
+    Ok(Runtime::new(Arc::new(config), &cert, &key)?)
+}
+
+/// Runs the relay until SIGTERM or SIGINT.
+pub async fn run(source: ConfigSource) -> Result<()> {
+    let config = source.load()?;
+    ensure_dir(&config.server.state_dir)?;
+    let queue = open_queue(&config)?;
+    let audit = open_audit(&config)?;
+    let admin_path = config.admin_socket();
+    let rt = runtime(config.clone())?;
+    let bound = sealpost_submission::bind(&config).await?;
+    let (rt_tx, rt_rx) = watch::channel(Arc::new(rt));
+    let shared = Arc::new(Shared {
+        runtime: rt_rx,
+        queue: queue.clone(),
+        audit: audit.clone(),
+        connections: Arc::default(),
+        rates: Default::default(),
+    });
+    let admin_task = {
+        let (q, a, p) = (queue.clone(), audit.clone(), admin_path.clone());
+        tokio::spawn(async move {
+            if let Err(e) = admin::serve_socket(&p, q, a).await {
+                tracing::error!(error = %format!("{e:#}"), "admin socket stopped");
+            }
+        })
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let listeners = tokio::spawn(sealpost_submission::serve(
+        bound,
+        Arc::clone(&shared),
+        stop_rx,
+    ));
+    audit
+        .record(Record::new(Event::Started).detail("version", env!("CARGO_PKG_VERSION")))
+        .await?;
+    tracing::info!(hostname = %config.server.hostname, "sealpost ready");
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => reload(&source, &rt_tx, &audit).await,
+        }
+    }
+    tracing::info!("stopping: no new connections; waiting for sessions in flight");
+    let _ = stop_tx.send(true);
+    let _ = listeners.await;
+    let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+    while shared.connections.open() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if shared.connections.open() > 0 {
+        tracing::warn!(
+            open = shared.connections.open(),
+            "sessions still open at shutdown; nothing they sent was acknowledged"
+        );
+    }
+    admin_task.abort();
+    let _ = std::fs::remove_file(&admin_path);
+    audit.record(Record::new(Event::Stopped)).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn reload(source: &ConfigSource, rt_tx: &watch::Sender<Arc<Runtime>>, audit: &AuditLog) {
+    let result = source.load().map_err(anyhow::Error::from).and_then(runtime);
+    let rec = match result {
+        Ok(rt) => {
+            rt_tx.send_replace(Arc::new(rt));
+            tracing::info!("configuration reloaded");
+            Record::new(Event::ConfigReloaded).detail("result", "ok")
+        }
+        Err(e) => {
+            let msg = format!("{e:#}");
+            tracing::error!(error = %msg, "configuration reload refused; the previous configuration stays in force");
+            Record::new(Event::ConfigReloaded)
+                .detail("result", "refused")
+                .detail("error", msg)
+        }
+    };
+    if let Err(e) = audit.record(rec).await {
+        tracing::error!(error = %e, "audit log write failed");
+    }
+}

@@ -1,0 +1,216 @@
+//! SMTP AUTH: credential decoding (PLAIN, LOGIN), argon2id verification, sender patterns.
+
+use argon2::{Argon2, PasswordHash, PasswordVerifier};
+use base64::Engine;
+use std::collections::HashMap;
+
+/// Why an AUTH exchange could not be completed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthDecodeError {
+    /// The client's response is not valid base64.
+    #[error("cannot decode base64 response")]
+    Base64,
+    /// The decoded PLAIN message does not have three NUL-separated fields.
+    #[error("malformed PLAIN response")]
+    Malformed,
+    /// The decoded fields are not UTF-8.
+    #[error("credentials are not UTF-8")]
+    Utf8,
+}
+
+/// Decodes one base64 line of a SASL exchange.
+pub fn decode_b64(line: &str) -> Result<Vec<u8>, AuthDecodeError> {
+    base64::engine::general_purpose::STANDARD
+        .decode(line.trim())
+        .map_err(|_| AuthDecodeError::Base64)
+}
+
+/// Decodes a SASL PLAIN response into (authcid, password); authzid must be empty or equal authcid.
+pub fn decode_plain(line: &str) -> Result<(String, String), AuthDecodeError> {
+    let raw = decode_b64(line)?;
+    let mut parts = raw.split(|b| *b == 0);
+    let (Some(authz), Some(authc), Some(pass), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(AuthDecodeError::Malformed);
+    };
+    let authz = std::str::from_utf8(authz).map_err(|_| AuthDecodeError::Utf8)?;
+    let authc = std::str::from_utf8(authc).map_err(|_| AuthDecodeError::Utf8)?;
+    let pass = std::str::from_utf8(pass).map_err(|_| AuthDecodeError::Utf8)?;
+    if !authz.is_empty() && authz != authc {
+        // Acting for another identity is not supported: treat as bad credentials.
+        return Err(AuthDecodeError::Malformed);
+    }
+    Ok((authc.to_string(), pass.to_string()))
+}
+
+/// A sender pattern from `allowed_senders`: `*`, `*@domain`, `*@*.domain` or an exact address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SenderPattern {
+    /// Any sender.
+    Any,
+    /// Any local part at exactly this domain (lowercase).
+    Domain(String),
+    /// Any local part at a subdomain of this domain (lowercase).
+    Subdomain(String),
+    /// Exactly this address (domain compared case-insensitively, local part exactly).
+    Address(String, String),
+}
+
+impl SenderPattern {
+    /// Parses a pattern already checked by the config validation.
+    pub fn parse(p: &str) -> SenderPattern {
+        if p == "*" {
+            return SenderPattern::Any;
+        }
+        match p.rsplit_once('@') {
+            Some(("*", d)) => match d.strip_prefix("*.") {
+                Some(sub) => SenderPattern::Subdomain(sub.to_ascii_lowercase()),
+                None => SenderPattern::Domain(d.to_ascii_lowercase()),
+            },
+            Some((l, d)) => SenderPattern::Address(l.to_string(), d.to_ascii_lowercase()),
+            None => SenderPattern::Address(p.to_string(), String::new()),
+        }
+    }
+
+    /// True if `address` (local@domain) matches.
+    pub fn matches(&self, address: &str) -> bool {
+        let Some((local, domain)) = address.rsplit_once('@') else {
+            return false;
+        };
+        let domain = domain.to_ascii_lowercase();
+        match self {
+            SenderPattern::Any => true,
+            SenderPattern::Domain(d) => domain == *d,
+            SenderPattern::Subdomain(d) => domain
+                .strip_suffix(d.as_str())
+                .is_some_and(|head| head.ends_with('.') && head.len() > 1),
+            SenderPattern::Address(l, d) => local == l && domain == *d,
+        }
+    }
+}
+
+/// One configured SMTP credential, ready for verification.
+#[derive(Debug, Clone)]
+pub struct UserEntry {
+    /// User name.
+    pub name: String,
+    password_hash: String,
+    /// Allowed senders; empty allows any.
+    pub allowed: Vec<SenderPattern>,
+    /// Default policy name.
+    pub policy: String,
+    /// Recipients per second, if limited.
+    pub max_send_rate: Option<f64>,
+}
+
+impl UserEntry {
+    /// True if this user may send as `address` (envelope sender or From).
+    pub fn may_send_as(&self, address: &str) -> bool {
+        self.allowed.is_empty() || self.allowed.iter().any(|p| p.matches(address))
+    }
+}
+
+/// The configured users, by name.
+#[derive(Debug, Clone, Default)]
+pub struct Users {
+    by_name: HashMap<String, UserEntry>,
+}
+
+/// A hash used to spend the same time on unknown user names as on known ones.
+const DUMMY_HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$xqddkAneAAkPHdk9q4OcQQ$3UjyZkIDoWnaglX2X7o0qPHm2jKnxE/t9WNtvcjdWFM";
+
+impl Users {
+    /// Builds the table from the configuration.
+    pub fn from_config(config: &sealpost_config::Config) -> Users {
+        let by_name = config
+            .users
+            .iter()
+            .map(|u| {
+                (
+                    u.name.clone(),
+                    UserEntry {
+                        name: u.name.clone(),
+                        password_hash: u.password_hash.clone(),
+                        allowed: u
+                            .allowed_senders
+                            .iter()
+                            .map(|p| SenderPattern::parse(p))
+                            .collect(),
+                        policy: config.user_policy(u).to_string(),
+                        max_send_rate: u.max_send_rate,
+                    },
+                )
+            })
+            .collect();
+        Users { by_name }
+    }
+
+    /// Verifies a password (argon2id, CPU-bound: call from a blocking thread).
+    pub fn verify(&self, name: &str, password: &str) -> Option<UserEntry> {
+        let (entry, hash) = match self.by_name.get(name) {
+            Some(e) => (Some(e), e.password_hash.as_str()),
+            None => (None, DUMMY_HASH),
+        };
+        let ok = PasswordHash::new(hash)
+            .map(|h| {
+                Argon2::default()
+                    .verify_password(password.as_bytes(), &h)
+                    .is_ok()
+            })
+            .unwrap_or(false);
+        match (ok, entry) {
+            (true, Some(e)) => Some(e.clone()),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_decoding() {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(b"\0app\0secret");
+        assert_eq!(decode_plain(&b64), Ok(("app".into(), "secret".into())));
+        let b64 = base64::engine::general_purpose::STANDARD.encode(b"app\0app\0secret");
+        assert_eq!(decode_plain(&b64), Ok(("app".into(), "secret".into())));
+        let b64 = base64::engine::general_purpose::STANDARD.encode(b"other\0app\0secret");
+        assert_eq!(decode_plain(&b64), Err(AuthDecodeError::Malformed));
+        let b64 = base64::engine::general_purpose::STANDARD.encode(b"app\0secret");
+        assert_eq!(decode_plain(&b64), Err(AuthDecodeError::Malformed));
+        assert_eq!(decode_plain("!!!"), Err(AuthDecodeError::Base64));
+    }
+
+    #[test]
+    fn sender_patterns() {
+        assert!(SenderPattern::parse("*").matches("a@b.c"));
+        let d = SenderPattern::parse("*@Clinic.example");
+        assert!(d.matches("x@clinic.EXAMPLE"));
+        assert!(!d.matches("x@evilclinic.example"));
+        assert!(!d.matches("x@sub.clinic.example"));
+        let s = SenderPattern::parse("*@*.clinic.example");
+        assert!(s.matches("x@sub.clinic.example"));
+        assert!(!s.matches("x@clinic.example"));
+        assert!(!s.matches("x@evilclinic.example"));
+        let a = SenderPattern::parse("billing@clinic.example");
+        assert!(a.matches("billing@CLINIC.example"));
+        assert!(!a.matches("Billing@clinic.example"));
+    }
+
+    #[test]
+    fn verify_known_and_unknown() {
+        let text = format!(
+            "[server]\nhostname=\"h.example\"\nstate_dir=\"/tmp/x\"\n[[listeners]]\naddress=\"127.0.0.1:1\"\nmode=\"starttls\"\n[[users]]\nname=\"dev\"\npassword_hash=\"{DUMMY_HASH}\"\n"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, text).unwrap();
+        let c = sealpost_config::Config::load_with_env_prefix(&p, "SPTEST_AUTH_").unwrap();
+        let users = Users::from_config(&c);
+        assert!(users.verify("dev", "sealpost-dev").is_some());
+        assert!(users.verify("dev", "wrong").is_none());
+        assert!(users.verify("nobody", "sealpost-dev").is_none());
+    }
+}
