@@ -1,0 +1,879 @@
+//! The append side: [`AuditLog`], its options, and the group-committing writer thread.
+
+use std::fs::{DirBuilder, File, OpenOptions, TryLockError};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use chrono::{SecondsFormat, Utc};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::AuditError;
+use crate::files::{read_ends, sync_dir, LogPaths};
+use crate::line::{check_line, seal, LineError, GENESIS_PREV};
+use crate::record::Record;
+
+/// Default size at which the current file is rotated: 64 MiB.
+pub const DEFAULT_ROTATE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Records waiting for the writer before `record` callers have to wait to enqueue.
+const QUEUE_DEPTH: usize = 4096;
+/// Most records written under one fsync.
+const MAX_BATCH: usize = 1024;
+
+/// Where the audit log lives and when it rotates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditOptions {
+    /// The current file, e.g. `/var/lib/sealpost/audit/audit.jsonl`.
+    pub path: PathBuf,
+    /// Rotate the current file before it would exceed this many bytes (0 disables rotation).
+    pub rotate_bytes: u64,
+}
+
+impl AuditOptions {
+    /// Options for `path` with the default rotation size.
+    pub fn new(path: impl Into<PathBuf>) -> AuditOptions {
+        AuditOptions {
+            path: path.into(),
+            rotate_bytes: DEFAULT_ROTATE_BYTES,
+        }
+    }
+}
+
+/// One record waiting to be written, and where to report the outcome.
+struct Job {
+    rec: Record,
+    reply: oneshot::Sender<Result<(), AuditError>>,
+}
+
+/// A handle to the append-only, hash-chained audit log; clones share one writer.
+#[derive(Clone)]
+pub struct AuditLog {
+    inner: Arc<Inner>,
+}
+
+/// The shared part of every [`AuditLog`] clone.
+struct Inner {
+    path: PathBuf,
+    tx: Option<mpsc::Sender<Job>>,
+    thread: Option<JoinHandle<()>>,
+    #[cfg(test)]
+    syncs: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Closing the channel ends the writer loop; joining releases the lock file before a
+        // new handle may open the log again.
+        self.tx.take();
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                tracing::error!("audit writer thread panicked");
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog")
+            .field("path", &self.inner.path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where the chain stands: what the next record gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ChainHead {
+    next_seq: u64,
+    prev: String,
+    /// The first seq in the current file, if it holds any record.
+    first_seq_in_file: Option<u64>,
+}
+
+/// Checks one line read at open time and maps a failure to [`AuditError::Corrupt`].
+fn check_at_open(
+    file: &Path,
+    line: u64,
+    bytes: &[u8],
+    terminated: bool,
+) -> Result<crate::line::Sealed, AuditError> {
+    let corrupt = |source| AuditError::Corrupt {
+        file: file.to_path_buf(),
+        line,
+        source,
+    };
+    if !terminated {
+        return Err(corrupt(LineError::Unterminated));
+    }
+    check_line(bytes).map_err(corrupt)
+}
+
+/// Reads where the chain stands from the current file, or else from the newest rotated file.
+fn find_head(paths: &LogPaths) -> Result<ChainHead, AuditError> {
+    let read_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| AuditError::Read {
+            path,
+            source: Arc::new(source),
+        }
+    };
+    let ends = match read_ends(&paths.current) {
+        Ok(ends) => ends,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Default::default(),
+        Err(e) => return Err(read_err(&paths.current)(e)),
+    };
+    if let (Some(first), Some((number, last, terminated))) = (&ends.first, &ends.last) {
+        let last = check_at_open(&paths.current, *number, last, *terminated)?;
+        let first = check_at_open(&paths.current, 1, first, true)?;
+        return Ok(ChainHead {
+            next_seq: last.seq.checked_add(1).ok_or(AuditError::SeqExhausted)?,
+            prev: last.hash,
+            first_seq_in_file: Some(first.seq),
+        });
+    }
+    let rotated = paths.rotated().map_err(read_err(&paths.dir))?;
+    let Some((_, newest)) = rotated.last() else {
+        return Ok(ChainHead {
+            next_seq: 1,
+            prev: GENESIS_PREV.to_string(),
+            first_seq_in_file: None,
+        });
+    };
+    let ends = read_ends(newest).map_err(read_err(newest))?;
+    let Some((number, last, terminated)) = ends.last else {
+        return Err(AuditError::Corrupt {
+            file: newest.clone(),
+            line: 1,
+            source: LineError::Empty,
+        });
+    };
+    let last = check_at_open(newest, number, &last, terminated)?;
+    Ok(ChainHead {
+        next_seq: last.seq.checked_add(1).ok_or(AuditError::SeqExhausted)?,
+        prev: last.hash,
+        first_seq_in_file: None,
+    })
+}
+
+/// Opens (creating if needed, mode 0600) a log file for appending.
+fn open_append(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(path)
+}
+
+impl AuditLog {
+    /// Opens the log, continuing the chain from its last record, and starts the writer.
+    ///
+    /// Creates the directory (0700) and the current file (0600) if missing. Refuses to open when
+    /// the current file's last (or first) line is not a valid record, naming the file and line:
+    /// a cut-short last line means a crash mid-write, and continuing silently would hide it.
+    /// Only one writer may hold a log at a time (an advisory lock on `<stem>.lock`).
+    pub fn open(opts: AuditOptions) -> Result<AuditLog, AuditError> {
+        Self::open_gated(opts, None)
+    }
+
+    /// [`AuditLog::open`], with a writer that waits for `gate` before its first batch.
+    fn open_gated(
+        opts: AuditOptions,
+        gate: Option<std::sync::mpsc::Receiver<()>>,
+    ) -> Result<AuditLog, AuditError> {
+        let paths = LogPaths::new(&opts.path);
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&paths.dir)
+            .map_err(|source| AuditError::CreateDir {
+                path: paths.dir.clone(),
+                source: Arc::new(source),
+            })?;
+
+        let lock_path = paths.lock_file();
+        let lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(|source| AuditError::Open {
+                path: lock_path.clone(),
+                source: Arc::new(source),
+            })?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => return Err(AuditError::Locked { path: lock_path }),
+            Err(TryLockError::Error(source)) => {
+                return Err(AuditError::Open {
+                    path: lock_path,
+                    source: Arc::new(source),
+                })
+            }
+        }
+
+        let head = find_head(&paths)?;
+        let existed = paths.current.exists();
+        let file = open_append(&paths.current).map_err(|source| AuditError::Open {
+            path: paths.current.clone(),
+            source: Arc::new(source),
+        })?;
+        let meta = file.metadata().map_err(|source| AuditError::Read {
+            path: paths.current.clone(),
+            source: Arc::new(source),
+        })?;
+        if meta.mode() & 0o077 != 0 {
+            tracing::warn!(
+                path = %paths.current.display(),
+                mode = format_args!("{:o}", meta.mode() & 0o777),
+                "audit file is accessible to group or others; expected 0600"
+            );
+        }
+        if !existed {
+            sync_dir(&paths.dir).map_err(|source| AuditError::Sync {
+                path: paths.dir.clone(),
+                source: Arc::new(source),
+            })?;
+        }
+
+        #[cfg(test)]
+        let syncs = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut writer = Writer {
+            paths,
+            file,
+            size: meta.len(),
+            head,
+            rotate_bytes: opts.rotate_bytes,
+            poisoned: false,
+            _lock: lock,
+            #[cfg(test)]
+            syncs: Arc::clone(&syncs),
+        };
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let thread = std::thread::Builder::new()
+            .name("sealpost-audit".into())
+            .spawn(move || {
+                if let Some(gate) = gate {
+                    // A closed gate also opens it.
+                    let _ = gate.recv();
+                }
+                writer.run(rx);
+            })
+            .map_err(|e| AuditError::Spawn(Arc::new(e)))?;
+        Ok(AuditLog {
+            inner: Arc::new(Inner {
+                path: opts.path,
+                tx: Some(tx),
+                thread: Some(thread),
+                #[cfg(test)]
+                syncs,
+            }),
+        })
+    }
+
+    /// The path of the current file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Appends `rec` to the chain; returns once its line is written and fsync'd.
+    ///
+    /// Concurrent callers share fsyncs (group commit). If the future is dropped after the record
+    /// was handed to the writer, the record is still written.
+    pub async fn record(&self, rec: Record) -> Result<(), AuditError> {
+        let tx = self.inner.tx.as_ref().ok_or(AuditError::Closed)?;
+        let (reply, outcome) = oneshot::channel();
+        tx.send(Job { rec, reply })
+            .await
+            .map_err(|_| AuditError::Closed)?;
+        outcome.await.map_err(|_| AuditError::Closed)?
+    }
+}
+
+/// The writer thread's state: the open current file and the chain head.
+struct Writer {
+    paths: LogPaths,
+    file: File,
+    /// Bytes in the current file.
+    size: u64,
+    head: ChainHead,
+    rotate_bytes: u64,
+    /// Set after a failed write, fsync or rotation; every later record is refused.
+    poisoned: bool,
+    /// Held (locked) for the writer's lifetime.
+    _lock: File,
+    #[cfg(test)]
+    syncs: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// How the lines of one batch fared.
+struct BatchOutcome {
+    /// Per job: `Some(err)` when the record could not even be serialised.
+    serialise_errors: Vec<Option<AuditError>>,
+    /// Jobs `..durable` are on disk even if a later step failed.
+    durable: usize,
+    /// The I/O failure that stopped the batch, if any.
+    failure: Option<AuditError>,
+}
+
+impl Writer {
+    /// Takes batches off the queue until every handle is gone.
+    fn run(&mut self, mut rx: mpsc::Receiver<Job>) {
+        let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+        while let Some(job) = rx.blocking_recv() {
+            batch.push(job);
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            if self.poisoned {
+                for job in batch.drain(..) {
+                    let _ = job.reply.send(Err(AuditError::Poisoned {
+                        path: self.paths.current.clone(),
+                    }));
+                }
+                continue;
+            }
+            let outcome = self.write_batch(&batch);
+            if let Some(err) = &outcome.failure {
+                self.poisoned = true;
+                tracing::error!(error = %err, "audit log write failed; refusing further records");
+            }
+            let failure = outcome.failure;
+            for (i, (job, serialise_error)) in
+                batch.drain(..).zip(outcome.serialise_errors).enumerate()
+            {
+                let result = match (serialise_error, &failure) {
+                    (Some(err), _) => Err(err),
+                    (None, Some(err)) if i >= outcome.durable => Err(err.clone()),
+                    (None, _) => Ok(()),
+                };
+                // The caller may have given up waiting; the record stands either way.
+                let _ = job.reply.send(result);
+            }
+        }
+    }
+
+    /// Seals and writes every record of `batch`, rotating as needed, then fsyncs once.
+    fn write_batch(&mut self, batch: &[Job]) -> BatchOutcome {
+        let mut outcome = BatchOutcome {
+            serialise_errors: Vec::with_capacity(batch.len()),
+            durable: 0,
+            failure: None,
+        };
+        let mut buf: Vec<u8> = Vec::new();
+        for (i, job) in batch.iter().enumerate() {
+            let seq = self.head.next_seq;
+            let Some(next_seq) = seq.checked_add(1) else {
+                outcome
+                    .serialise_errors
+                    .push(Some(AuditError::SeqExhausted));
+                continue;
+            };
+            let ts = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
+            let (line, hash) = match seal(seq, &ts, &self.head.prev, &job.rec) {
+                Ok(sealed) => sealed,
+                Err(e) => {
+                    outcome
+                        .serialise_errors
+                        .push(Some(AuditError::Serialize(Arc::new(e))));
+                    continue;
+                }
+            };
+            outcome.serialise_errors.push(None);
+            let pending = self.size + buf.len() as u64;
+            if self.rotate_bytes > 0
+                && pending > 0
+                && pending + line.len() as u64 > self.rotate_bytes
+            {
+                if let Err(e) = self.append(&buf).and_then(|()| self.sync()) {
+                    outcome.failure = Some(e);
+                    return outcome;
+                }
+                buf.clear();
+                outcome.durable = i;
+                if let Err(e) = self.rotate() {
+                    outcome.failure = Some(e);
+                    return outcome;
+                }
+            }
+            buf.extend_from_slice(&line);
+            if self.head.first_seq_in_file.is_none() {
+                self.head.first_seq_in_file = Some(seq);
+            }
+            self.head.next_seq = next_seq;
+            self.head.prev = hash;
+        }
+        if let Err(e) = self.append(&buf).and_then(|()| self.sync()) {
+            outcome.failure = Some(e);
+            return outcome;
+        }
+        outcome.durable = batch.len();
+        outcome
+    }
+
+    /// Writes `bytes` at the end of the current file (not yet durable).
+    fn append(&mut self, bytes: &[u8]) -> Result<(), AuditError> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        self.file
+            .write_all(bytes)
+            .map_err(|source| AuditError::Write {
+                path: self.paths.current.clone(),
+                source: Arc::new(source),
+            })?;
+        self.size += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Flushes the current file's data to disk.
+    fn sync(&mut self) -> Result<(), AuditError> {
+        self.file.sync_data().map_err(|source| AuditError::Sync {
+            path: self.paths.current.clone(),
+            source: Arc::new(source),
+        })?;
+        #[cfg(test)]
+        self.syncs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Renames the (already synced) current file to its rotated name and starts a new one.
+    fn rotate(&mut self) -> Result<(), AuditError> {
+        let Some(first_seq) = self.head.first_seq_in_file else {
+            return Ok(());
+        };
+        let from = self.paths.current.clone();
+        let to = self.paths.rotated_name(first_seq);
+        // We hold the lock, so nobody else creates this name between the check and the rename.
+        if to.exists() {
+            return Err(AuditError::RotateTargetExists { path: to });
+        }
+        let rotate_err = |to: &Path| {
+            let from = from.clone();
+            let to = to.to_path_buf();
+            move |source| AuditError::Rotate {
+                from,
+                to,
+                source: Arc::new(source),
+            }
+        };
+        std::fs::rename(&from, &to).map_err(rotate_err(&to))?;
+        let file = OpenOptions::new()
+            .append(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&from)
+            .map_err(rotate_err(&from))?;
+        sync_dir(&self.paths.dir).map_err(|source| AuditError::Sync {
+            path: self.paths.dir.clone(),
+            source: Arc::new(source),
+        })?;
+        tracing::info!(
+            rotated = %to.display(),
+            first_seq,
+            last_seq = self.head.next_seq.saturating_sub(1),
+            "audit log rotated"
+        );
+        self.file = file;
+        self.size = 0;
+        self.head.first_seq_in_file = None;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+impl AuditLog {
+    /// Records handed over but not yet taken by the writer.
+    fn queued(&self) -> usize {
+        self.inner
+            .tx
+            .as_ref()
+            .map_or(0, |tx| tx.max_capacity() - tx.capacity())
+    }
+
+    /// fsyncs of the current file so far.
+    fn syncs(&self) -> u64 {
+        self.inner.syncs.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+    use crate::test_support::{json, lines_of, rotated_files, sample, write_log};
+    use crate::{verify, Event};
+
+    fn opts(path: &Path, rotate_bytes: u64) -> AuditOptions {
+        AuditOptions {
+            path: path.to_path_buf(),
+            rotate_bytes,
+        }
+    }
+
+    #[tokio::test]
+    async fn append_then_verify_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(AuditOptions::new(&path)).unwrap();
+        log.record(Record::new(Event::Started)).await.unwrap();
+        log.record(
+            Record::new(Event::Accepted)
+                .queue_id("q1")
+                .user("billing-app")
+                .client_ip("192.0.2.1".parse().unwrap())
+                .detail("size", 1234)
+                .detail("recipients", 2)
+                .detail("policy", "phi"),
+        )
+        .await
+        .unwrap();
+        log.record(
+            Record::new(Event::Attempt)
+                .queue_id("q1")
+                .recipient("a@example.org")
+                .mx("mx.example.org")
+                .ip("192.0.2.25".parse().unwrap())
+                .tls(serde_json::json!({"version": "TLSv1_3", "verified": true})),
+        )
+        .await
+        .unwrap();
+        drop(log);
+
+        let report = verify(&path).unwrap();
+        let lines = lines_of(&path);
+        assert_eq!(lines.len(), 3);
+        assert_eq!(report.files, 1);
+        assert_eq!(report.records, 3);
+        assert_eq!((report.first_seq, report.last_seq), (1, 3));
+        let last = json(&lines[2]);
+        assert_eq!(
+            last["hash"],
+            serde_json::Value::from(report.last_hash.clone())
+        );
+
+        let first = json(&lines[0]);
+        assert_eq!(first["seq"], 1);
+        assert_eq!(first["prev"], GENESIS_PREV);
+        assert_eq!(first["event"], "started");
+        let accepted = json(&lines[1]);
+        assert_eq!(accepted["prev"], first["hash"]);
+        assert_eq!(accepted["event"], "accepted");
+        assert_eq!(accepted["user"], "billing-app");
+        assert_eq!(accepted["client_ip"], "192.0.2.1");
+        assert_eq!(accepted["detail"]["size"], 1234);
+        assert_eq!(last["tls"]["verified"], true);
+        assert_eq!(last["mx"], "mx.example.org");
+
+        // ts: RFC 3339 UTC with milliseconds, e.g. 2025-01-02T03:04:05.678Z
+        let ts = first["ts"].as_str().unwrap();
+        assert_eq!(ts.len(), 24, "{ts}");
+        assert!(ts.ends_with('Z') && ts.as_bytes()[19] == b'.', "{ts}");
+        assert!(chrono::DateTime::parse_from_rfc3339(ts).is_ok());
+        // the fixed field order is visible in the raw bytes
+        assert!(lines[1].starts_with("{\"seq\":2,\"ts\":\""), "{}", lines[1]);
+        assert!(lines[1].contains("\"prev\":"));
+        assert!(
+            lines[1].find("\"event\"").unwrap() < lines[1].find("\"queue_id\"").unwrap()
+                && lines[1].find("\"detail\"").unwrap() < lines[1].find("\"hash\"").unwrap()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn fifty_concurrent_tasks_make_one_gapless_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(AuditOptions::new(&path)).unwrap();
+        let per_task = 20u64;
+        let mut tasks = Vec::new();
+        for task in 0..50u64 {
+            let log = log.clone();
+            tasks.push(tokio::spawn(async move {
+                for n in 0..per_task {
+                    log.record(
+                        Record::new(Event::Attempt)
+                            .detail("task", task)
+                            .detail("n", n),
+                    )
+                    .await
+                    .unwrap();
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let syncs = log.syncs();
+        drop(log);
+
+        let report = verify(&path).unwrap();
+        assert_eq!(report.records, 50 * per_task);
+        assert_eq!((report.first_seq, report.last_seq), (1, 50 * per_task));
+        let mut seqs = HashSet::new();
+        let mut facts = HashSet::new();
+        for line in lines_of(&path) {
+            let rec = json(&line);
+            assert!(seqs.insert(rec["seq"].as_u64().unwrap()), "duplicate seq");
+            let key = (
+                rec["detail"]["task"].as_u64().unwrap(),
+                rec["detail"]["n"].as_u64().unwrap(),
+            );
+            assert!(facts.insert(key), "record {key:?} written twice");
+        }
+        assert_eq!(seqs, (1..=50 * per_task).collect::<HashSet<_>>());
+        assert_eq!(facts.len() as u64, 50 * per_task);
+        assert!(syncs >= 1 && syncs <= 50 * per_task);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queued_callers_share_one_fsync() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let (open_gate, gate) = std::sync::mpsc::channel();
+        let log = AuditLog::open_gated(AuditOptions::new(&path), Some(gate)).unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..50 {
+            let log = log.clone();
+            tasks.push(tokio::spawn(async move { log.record(sample(i)).await }));
+        }
+        while log.queued() < 50 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        open_gate.send(()).unwrap();
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+        assert_eq!(log.syncs(), 1, "50 queued records must share one fsync");
+        drop(log);
+        assert_eq!(verify(&path).unwrap().records, 50);
+    }
+
+    #[tokio::test]
+    async fn line_is_in_the_file_when_record_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(AuditOptions::new(&path)).unwrap();
+        for i in 1..=3u64 {
+            log.record(sample(i)).await.unwrap();
+            // A fresh reader (new open file description) sees the complete line at once.
+            let text = std::fs::read(&path).unwrap();
+            assert!(text.ends_with(b"\n"));
+            let lines: Vec<&[u8]> = text
+                .split(|b| *b == b'\n')
+                .filter(|l| !l.is_empty())
+                .collect();
+            assert_eq!(lines.len() as u64, i);
+            let sealed = check_line(lines[lines.len() - 1]).unwrap();
+            assert_eq!(sealed.seq, i);
+        }
+        assert!(log.syncs() >= 3, "every acknowledged record was fsync'd");
+    }
+
+    #[tokio::test]
+    async fn reopen_continues_the_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_log(dir.path(), 3, DEFAULT_ROTATE_BYTES).await;
+        let before = verify(&path).unwrap();
+        let log = AuditLog::open(AuditOptions::new(&path)).unwrap();
+        log.record(sample(4)).await.unwrap();
+        drop(log);
+        let lines = lines_of(&path);
+        assert_eq!(lines.len(), 4);
+        let fourth = json(&lines[3]);
+        assert_eq!(fourth["seq"], 4);
+        assert_eq!(fourth["prev"], serde_json::Value::from(before.last_hash));
+        assert_eq!(verify(&path).unwrap().last_seq, 4);
+    }
+
+    #[tokio::test]
+    async fn reopen_after_rotation_continues_from_newest_rotated_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_log(dir.path(), 12, 1000).await;
+        // Simulate a crash right after the rename: the current file is gone.
+        let before = verify(&path).unwrap();
+        if std::fs::read(&path).unwrap().is_empty() {
+            std::fs::remove_file(&path).unwrap();
+        } else {
+            let paths = LogPaths::new(&path);
+            let first = json(&lines_of(&path)[0])["seq"].as_u64().unwrap();
+            std::fs::rename(&path, paths.rotated_name(first)).unwrap();
+        }
+        let log = AuditLog::open(opts(&path, 1000)).unwrap();
+        log.record(sample(13)).await.unwrap();
+        drop(log);
+        let lines = lines_of(&path);
+        assert_eq!(
+            json(&lines[0])["prev"],
+            serde_json::Value::from(before.last_hash)
+        );
+        let after = verify(&path).unwrap();
+        assert_eq!((after.first_seq, after.last_seq), (1, 13));
+    }
+
+    #[tokio::test]
+    async fn rotation_spreads_the_chain_over_several_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_log(dir.path(), 30, 1000).await;
+        let rotated = rotated_files(&path);
+        assert!(rotated.len() >= 3, "only {} rotated files", rotated.len());
+        let mut expected_first = 1;
+        let mut prev_last_hash = GENESIS_PREV.to_string();
+        for file in rotated.iter().chain(std::iter::once(&path)) {
+            let size = std::fs::metadata(file).unwrap().len();
+            assert!(size <= 1000, "{} has {size} bytes", file.display());
+            let lines = lines_of(file);
+            let first = json(&lines[0]);
+            assert_eq!(first["seq"], expected_first);
+            assert_eq!(
+                first["prev"],
+                serde_json::Value::from(prev_last_hash.clone())
+            );
+            if file != &path {
+                let name = file.file_name().unwrap().to_str().unwrap();
+                assert_eq!(name, format!("audit.{expected_first:020}.jsonl"));
+            }
+            expected_first += lines.len() as u64;
+            prev_last_hash = json(lines.last().unwrap())["hash"]
+                .as_str()
+                .unwrap()
+                .to_string();
+        }
+        let report = verify(&path).unwrap();
+        assert_eq!(report.files, rotated.len() + 1);
+        assert_eq!(
+            (report.records, report.first_seq, report.last_seq),
+            (30, 1, 30)
+        );
+        assert_eq!(report.last_hash, prev_last_hash);
+    }
+
+    #[tokio::test]
+    async fn creates_private_directory_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state/audit/audit.jsonl");
+        let log = AuditLog::open(AuditOptions::new(&path)).unwrap();
+        log.record(sample(1)).await.unwrap();
+        let dir_mode = std::fs::metadata(path.parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode();
+        let file_mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(dir_mode & 0o777, 0o700);
+        assert_eq!(file_mode & 0o777, 0o600);
+    }
+
+    #[tokio::test]
+    async fn a_second_writer_is_refused_until_the_first_closes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(AuditOptions::new(&path)).unwrap();
+        let second = AuditLog::open(AuditOptions::new(&path));
+        assert!(
+            matches!(second, Err(AuditError::Locked { .. })),
+            "{second:?}"
+        );
+        drop(log);
+        AuditLog::open(AuditOptions::new(&path)).unwrap();
+    }
+
+    #[tokio::test]
+    async fn cut_short_last_line_refuses_open_naming_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_log(dir.path(), 3, DEFAULT_ROTATE_BYTES).await;
+        let mut text = std::fs::read(&path).unwrap();
+        let whole = text.clone();
+        text.extend_from_slice(&whole[..40]); // half a line, no newline: a crash mid-write
+        std::fs::write(&path, &text).unwrap();
+
+        let err = AuditLog::open(AuditOptions::new(&path)).unwrap_err();
+        match &err {
+            AuditError::Corrupt { file, line, source } => {
+                assert_eq!(file, &path);
+                assert_eq!(*line, 4);
+                assert_eq!(source, &LineError::Unterminated);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let message = err.to_string();
+        assert!(message.contains(&path.display().to_string()) && message.contains("line 4"));
+        assert!(matches!(
+            verify(&path),
+            Err(crate::VerifyError::Truncated { line: 4, .. })
+        ));
+        // Nothing was appended to the damaged file.
+        assert_eq!(std::fs::read(&path).unwrap(), text);
+    }
+
+    #[tokio::test]
+    async fn garbage_last_line_refuses_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_log(dir.path(), 2, DEFAULT_ROTATE_BYTES).await;
+        let mut text = std::fs::read(&path).unwrap();
+        text.extend_from_slice(b"{\"seq\":3}\n");
+        std::fs::write(&path, &text).unwrap();
+        let err = AuditLog::open(AuditOptions::new(&path)).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                AuditError::Corrupt {
+                    line: 3,
+                    source: LineError::NoHashSuffix,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn damaged_newest_rotated_file_refuses_open_when_current_is_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_log(dir.path(), 12, 1000).await;
+        let newest = rotated_files(&path).pop().unwrap();
+        std::fs::write(&path, b"").unwrap();
+        let mut text = std::fs::read(&newest).unwrap();
+        text.truncate(text.len() - 10);
+        std::fs::write(&newest, &text).unwrap();
+        let err = AuditLog::open(opts(&path, 1000)).unwrap_err();
+        assert!(
+            matches!(&err, AuditError::Corrupt { file, source: LineError::Unterminated, .. } if file == &newest),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn failed_rotation_stops_the_writer_without_overwriting() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_log(dir.path(), 1, 1000).await;
+        // A file already holds the name the first rotation needs.
+        let squatter = LogPaths::new(&path).rotated_name(1);
+        std::fs::write(&squatter, b"keep me\n").unwrap();
+        let log = AuditLog::open(opts(&path, 1000)).unwrap();
+        let mut first_error = None;
+        for i in 2..=20 {
+            if let Err(e) = log.record(sample(i)).await {
+                first_error = Some(e);
+                break;
+            }
+        }
+        assert!(
+            matches!(&first_error, Some(AuditError::RotateTargetExists { path }) if path == &squatter),
+            "{first_error:?}"
+        );
+        assert!(matches!(
+            log.record(sample(99)).await,
+            Err(AuditError::Poisoned { .. })
+        ));
+        assert_eq!(std::fs::read(&squatter).unwrap(), b"keep me\n");
+    }
+}
