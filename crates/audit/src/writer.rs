@@ -49,6 +49,9 @@ struct Job {
 }
 
 /// A handle to the append-only, hash-chained audit log; clones share one writer.
+///
+/// Dropping the last clone closes the queue and waits for the writer thread to finish its
+/// current batch and release the lock, so a new handle can open the same log right after.
 #[derive(Clone)]
 pub struct AuditLog {
     inner: Arc<Inner>,
