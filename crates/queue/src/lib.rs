@@ -1,1 +1,358 @@
-//! Sealpost crate (scaffold).
+//! Sealpost's durable, encrypted message queue.
+//!
+//! Messages are sealed with AES-256-GCM (aws-lc-rs) and stored in redb; `enqueue` returns only
+//! after the record is committed (fsync'd), with concurrent enqueues sharing one commit.
+
+mod admin;
+mod commit;
+mod crypto;
+mod engine;
+mod error;
+mod id;
+mod keys;
+mod record;
+mod schedule;
+mod store;
+#[cfg(test)]
+mod tests;
+
+use std::fs::{self, DirBuilder, File};
+use std::io::Write;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{oneshot, Notify};
+
+pub use admin::{MessageDetail, MessageSummary, RecipientDetail, StateCounts, Stats};
+pub use error::QueueError;
+pub use id::{ParseQueueIdError, QueueId};
+pub use keys::{KeyError, Keyring};
+pub use record::{Envelope, RecipientSpec, RecipientState};
+
+use crate::commit::{Committer, Job};
+use crate::crypto::Kind;
+use crate::engine::Inner;
+use crate::record::MessageRecord;
+use crate::schedule::to_ms;
+use crate::store::{Store, STORE_FILE};
+
+/// Where the queue lives and how it schedules retries.
+#[derive(Clone, Debug)]
+pub struct QueueOptions {
+    /// Queue directory (created 0700 if missing); holds `queue.redb`.
+    pub dir: PathBuf,
+    /// Retry delays: after attempt n the next is `retry[n-1]` (the last entry repeats), ±10%.
+    pub retry: Vec<Duration>,
+    /// How long a message may stay queued (enforced by the scheduler via [`Queue::expired`]).
+    pub lifetime: Duration,
+    /// How long a lease lasts before its recipients are due again.
+    pub lease: Duration,
+}
+
+/// Benchmark knobs (not for production use).
+#[doc(hidden)]
+#[derive(Clone, Debug)]
+pub struct Tuning {
+    /// Most enqueues per group commit (1 = no group commit).
+    pub max_batch: usize,
+    /// Store bodies in fsync'd spool files instead of redb.
+    pub spool: bool,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            max_batch: 256,
+            spool: false,
+        }
+    }
+}
+
+/// A recipient handed to a delivery worker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeasedRecipient {
+    /// Index in the envelope (used in [`Queue::complete`]).
+    pub index: usize,
+    /// Address.
+    pub address: String,
+    /// DSN `NOTIFY=`.
+    pub notify: Option<String>,
+    /// DSN `ORCPT=`.
+    pub orcpt: Option<String>,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// The last error.
+    pub last_error: Option<String>,
+    /// The state before this lease (Pending, Deferred or Held tells the worker where it stands).
+    pub previous: RecipientState,
+}
+
+/// Due recipients of one message, leased to a delivery worker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    /// Queue id.
+    pub id: QueueId,
+    /// The envelope.
+    pub envelope: Envelope,
+    /// When the message was queued.
+    pub arrival: SystemTime,
+    /// The leased recipients.
+    pub recipients: Vec<LeasedRecipient>,
+}
+
+/// What happened to one recipient.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Delivered (final).
+    Delivered {
+        /// The receiving MX.
+        remote: String,
+    },
+    /// Failed (final): bounced or dropped by the caller.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+    /// Temporary failure: due again after the retry schedule's delay.
+    Deferred {
+        /// Why.
+        reason: String,
+    },
+    /// Diverted: waiting for fallback step `step`, due again at `until`.
+    Held {
+        /// When it is due again.
+        until: SystemTime,
+        /// The fallback step to run then.
+        step: u32,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Handle to the queue; cheap to clone, shareable across tasks.
+#[derive(Clone)]
+pub struct Queue {
+    inner: Arc<Inner>,
+}
+
+impl Queue {
+    /// Opens (creating if needed) the queue; detects a corrupt store; returns crashed leases to due.
+    pub fn open(opts: QueueOptions, keys: Keyring) -> Result<Queue, QueueError> {
+        Self::open_tuned(opts, keys, Tuning::default())
+    }
+
+    /// Like [`Queue::open`] with benchmark knobs.
+    #[doc(hidden)]
+    pub fn open_tuned(
+        opts: QueueOptions,
+        keys: Keyring,
+        tuning: Tuning,
+    ) -> Result<Queue, QueueError> {
+        if opts.retry.is_empty() {
+            return Err(QueueError::Options("retry schedule is empty"));
+        }
+        if opts.lease.is_zero() {
+            return Err(QueueError::Options("lease duration is zero"));
+        }
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&opts.dir)
+            .map_err(|e| QueueError::io("creating the queue directory", opts.dir.clone(), e))?;
+        let spool = if tuning.spool {
+            let dir = opts.dir.join("spool");
+            DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .map_err(|e| QueueError::io("creating the spool directory", dir.clone(), e))?;
+            Some(dir)
+        } else {
+            None
+        };
+        let store = Arc::new(Store::open(&opts.dir.join(STORE_FILE))?);
+        let committer = Committer::start(store.clone(), tuning.max_batch)?;
+        let inner = Inner {
+            store,
+            keys,
+            opts,
+            notify: Arc::new(Notify::new()),
+            committer,
+            spool,
+        };
+        let recovered = inner.recover_leases()?;
+        if recovered > 0 {
+            tracing::info!(
+                recipients = recovered,
+                "returned in-flight recipients from a crash to the queue"
+            );
+        }
+        Ok(Queue {
+            inner: Arc::new(inner),
+        })
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Inner) -> Result<T, QueueError> + Send + 'static,
+    ) -> Result<T, QueueError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(|_| QueueError::Closed)?
+    }
+
+    /// Stores a message; returns its id only once it is durable (committed and fsync'd).
+    pub async fn enqueue(&self, env: Envelope, body: Vec<u8>) -> Result<QueueId, QueueError> {
+        if env.recipients.is_empty() {
+            return Err(QueueError::NoRecipients);
+        }
+        let id = QueueId::generate();
+        let arrival = SystemTime::now();
+        let (job, rx, spool_file) = self
+            .blocking(move |inner| {
+                let record = MessageRecord::new(env, arrival, body.len() as u64);
+                let plain = record.encode().map_err(|e| QueueError::Decode {
+                    id,
+                    detail: e.to_string(),
+                })?;
+                let meta = inner.seal(id, Kind::Meta, &plain)?;
+                let sealed_body = inner.seal(id, Kind::Body, &body)?;
+                drop(body);
+                let (body, spool_file) = match &inner.spool {
+                    Some(dir) => {
+                        let path = dir.join(id.to_string());
+                        write_synced(&path, &sealed_body)?;
+                        (None, Some(path))
+                    }
+                    None => (Some(sealed_body), None),
+                };
+                let (reply, rx) = oneshot::channel();
+                let job = Job {
+                    id,
+                    meta,
+                    body,
+                    due_ms: to_ms(arrival),
+                    reply,
+                };
+                Ok((job, rx, spool_file))
+            })
+            .await?;
+        self.inner.committer.submit(job)?;
+        let result = rx.await.map_err(|_| QueueError::Closed).and_then(|r| r);
+        if let Err(e) = result {
+            if let Some(path) = spool_file {
+                let _ = fs::remove_file(path);
+            }
+            return Err(e);
+        }
+        self.inner.notify.notify_one();
+        Ok(id)
+    }
+
+    /// Signalled after each enqueue, release and retry so the scheduler wakes.
+    pub fn notify(&self) -> Arc<Notify> {
+        self.inner.notify.clone()
+    }
+
+    /// When the earliest due recipient is due, if any.
+    pub async fn next_due(&self) -> Result<Option<SystemTime>, QueueError> {
+        self.blocking(|inner| inner.next_due()).await
+    }
+
+    /// Leases the due recipients of up to `max` messages (in-flight until `now + lease`).
+    pub async fn lease_due(&self, now: SystemTime, max: usize) -> Result<Vec<Lease>, QueueError> {
+        self.blocking(move |inner| inner.lease_due(now, max)).await
+    }
+
+    /// The decrypted body of a queued message.
+    pub async fn body(&self, id: QueueId) -> Result<Vec<u8>, QueueError> {
+        self.blocking(move |inner| inner.body(id)).await
+    }
+
+    /// Records outcomes per recipient index; removes the message once every recipient is final.
+    pub async fn complete(
+        &self,
+        id: QueueId,
+        results: Vec<(usize, Outcome)>,
+    ) -> Result<(), QueueError> {
+        self.blocking(move |inner| inner.complete(id, results))
+            .await
+    }
+
+    /// Whether a leased message has outlived the queue lifetime at `now`.
+    pub fn expired(&self, lease: &Lease, now: SystemTime) -> bool {
+        now >= lease.arrival + self.inner.opts.lifetime
+    }
+
+    /// The configured message lifetime.
+    pub fn lifetime(&self) -> Duration {
+        self.inner.opts.lifetime
+    }
+
+    /// Summaries of all queued messages.
+    pub async fn list(&self) -> Result<Vec<MessageSummary>, QueueError> {
+        self.blocking(|inner| inner.list()).await
+    }
+
+    /// Metadata and per-recipient state of one message (never the body).
+    pub async fn show(&self, id: QueueId) -> Result<MessageDetail, QueueError> {
+        self.blocking(move |inner| inner.show(id)).await
+    }
+
+    /// Makes every deferred or held recipient due now (admin holds stay held).
+    pub async fn retry(&self, id: QueueId) -> Result<(), QueueError> {
+        self.blocking(move |inner| inner.retry(id)).await?;
+        self.inner.notify.notify_one();
+        Ok(())
+    }
+
+    /// Puts a message on admin hold: never due until released.
+    pub async fn hold(&self, id: QueueId) -> Result<(), QueueError> {
+        self.blocking(move |inner| inner.hold(id)).await
+    }
+
+    /// Releases an admin hold.
+    pub async fn release(&self, id: QueueId) -> Result<(), QueueError> {
+        self.blocking(move |inner| inner.release(id)).await?;
+        self.inner.notify.notify_one();
+        Ok(())
+    }
+
+    /// Deletes a message and its body.
+    pub async fn delete(&self, id: QueueId) -> Result<(), QueueError> {
+        self.blocking(move |inner| inner.delete(id)).await
+    }
+
+    /// Counts of messages and recipients per state, quarantined records, bytes.
+    pub async fn stats(&self) -> Result<Stats, QueueError> {
+        self.blocking(|inner| inner.stats()).await
+    }
+
+    /// Number of enqueue transactions (group commits) so far.
+    #[doc(hidden)]
+    pub fn commit_count(&self) -> u64 {
+        self.inner.committer.commits()
+    }
+
+    /// Re-encrypts every record under the primary key; returns how many messages changed.
+    pub fn rekey(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<u64, QueueError> {
+        self.inner.rekey(progress)
+    }
+}
+
+/// Writes a file, fsyncs it and its directory.
+fn write_synced(path: &std::path::Path, data: &[u8]) -> Result<(), QueueError> {
+    let io = |e| QueueError::io("writing a spool file", path.to_path_buf(), e);
+    let mut file = File::create(path).map_err(io)?;
+    if let Err(e) = file.write_all(data).and_then(|()| file.sync_all()) {
+        let _ = fs::remove_file(path);
+        return Err(io(e));
+    }
+    if let Some(dir) = path.parent() {
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,482 @@
+//! Synchronous queue operations on sealed records inside redb transactions.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use redb::{ReadableTable, WriteTransaction};
+use tokio::sync::Notify;
+
+use crate::commit::Committer;
+use crate::crypto::{self, CryptoError, Kind};
+use crate::error::QueueError;
+use crate::id::QueueId;
+use crate::keys::Keyring;
+use crate::record::{MessageRecord, RecipientState};
+use crate::schedule::{message_due_ms, recipient_due, retry_delay, to_ms};
+use crate::store::{
+    op_err, table_err, Store, BODY, DUE, DUE_BY_ID, META, QUARANTINE_BODY, QUARANTINE_META,
+};
+use crate::{Lease, LeasedRecipient, Outcome, QueueOptions};
+
+/// Shared state behind a `Queue`.
+pub(crate) struct Inner {
+    pub(crate) store: Arc<Store>,
+    pub(crate) keys: Keyring,
+    pub(crate) opts: QueueOptions,
+    pub(crate) notify: Arc<Notify>,
+    pub(crate) committer: Committer,
+    /// Spool directory for bodies (benchmark comparison only).
+    pub(crate) spool: Option<std::path::PathBuf>,
+}
+
+impl Inner {
+    /// Seals a record for storage under the primary key.
+    pub(crate) fn seal(
+        &self,
+        id: QueueId,
+        kind: Kind,
+        plain: &[u8],
+    ) -> Result<Vec<u8>, QueueError> {
+        crypto::seal(&self.keys, id, kind, plain).map_err(|_| QueueError::Encrypt)
+    }
+
+    /// Opens a sealed record; an authentication failure is reported as `Integrity`.
+    pub(crate) fn unseal(
+        &self,
+        id: QueueId,
+        kind: Kind,
+        sealed: &[u8],
+    ) -> Result<Vec<u8>, QueueError> {
+        crypto::open(&self.keys, id, kind, sealed).map_err(|e| match e {
+            CryptoError::UnknownKey(key_id) => QueueError::UnknownKey { id, key_id },
+            CryptoError::Authentication => {
+                tracing::error!(queue_id = %id, "queued record failed authentication; quarantining it");
+                QueueError::Integrity { id }
+            }
+            CryptoError::Random | CryptoError::Key => QueueError::Encrypt,
+        })
+    }
+
+    /// Opens and decodes a sealed meta record.
+    pub(crate) fn unseal_meta(
+        &self,
+        id: QueueId,
+        sealed: &[u8],
+    ) -> Result<MessageRecord, QueueError> {
+        let plain = self.unseal(id, Kind::Meta, sealed)?;
+        MessageRecord::decode(&plain).map_err(|e| QueueError::Decode {
+            id,
+            detail: e.to_string(),
+        })
+    }
+
+    /// Loads a message record for update; a record failing authentication is quarantined.
+    pub(crate) fn load(
+        &self,
+        txn: &WriteTransaction,
+        id: QueueId,
+    ) -> Result<MessageRecord, QueueError> {
+        let ctx = "loading a message";
+        let sealed = {
+            let meta = txn.open_table(META).map_err(table_err(ctx))?;
+            let guard = meta.get(id.as_u128()).map_err(op_err(ctx))?;
+            match guard {
+                Some(g) => g.value().to_vec(),
+                None => return Err(QueueError::NotFound(id)),
+            }
+        };
+        match self.unseal_meta(id, &sealed) {
+            Err(QueueError::Integrity { id }) => {
+                quarantine(txn, id)?;
+                Err(QueueError::Integrity { id })
+            }
+            other => other,
+        }
+    }
+
+    /// Stores an updated record, or removes the message when every recipient is final.
+    pub(crate) fn save(
+        &self,
+        txn: &WriteTransaction,
+        id: QueueId,
+        record: &MessageRecord,
+    ) -> Result<(), QueueError> {
+        if record.all_final() {
+            remove_message(txn, id)?;
+            return Ok(());
+        }
+        let ctx = "saving a message";
+        let plain = record.encode().map_err(|e| QueueError::Decode {
+            id,
+            detail: e.to_string(),
+        })?;
+        let sealed = self.seal(id, Kind::Meta, &plain)?;
+        txn.open_table(META)
+            .map_err(table_err(ctx))?
+            .insert(id.as_u128(), sealed.as_slice())
+            .map_err(op_err(ctx))?;
+        set_due(txn, id, message_due_ms(record))
+    }
+
+    /// Loads, changes and saves one message in one transaction.
+    pub(crate) fn update<T>(
+        &self,
+        id: QueueId,
+        context: &'static str,
+        change: impl FnOnce(&mut MessageRecord) -> Result<T, QueueError>,
+    ) -> Result<T, QueueError> {
+        self.store.write(context, |txn| {
+            let mut record = self.load(txn, id)?;
+            let value = change(&mut record)?;
+            self.save(txn, id, &record)?;
+            Ok(value)
+        })
+    }
+
+    /// Moves a message to quarantine in its own transaction.
+    pub(crate) fn quarantine_now(&self, id: QueueId) -> Result<(), QueueError> {
+        self.store
+            .write("quarantining a record", |txn| quarantine(txn, id))
+    }
+
+    /// Leases the due recipients of up to `max` messages.
+    pub(crate) fn lease_due(&self, now: SystemTime, max: usize) -> Result<Vec<Lease>, QueueError> {
+        let ctx = "leasing due messages";
+        let now_ms = to_ms(now);
+        let lease_until = now + self.opts.lease;
+        self.store.write(ctx, |txn| {
+            let ids: Vec<QueueId> = {
+                let due = txn.open_table(DUE).map_err(table_err(ctx))?;
+                let range = due.range(..=(now_ms, u128::MAX)).map_err(op_err(ctx))?;
+                let mut ids = Vec::new();
+                for entry in range.take(max) {
+                    let (key, _) = entry.map_err(op_err(ctx))?;
+                    ids.push(QueueId::from_u128(key.value().1));
+                }
+                ids
+            };
+            let mut leases = Vec::with_capacity(ids.len());
+            for id in ids {
+                let mut record = match self.load(txn, id) {
+                    Ok(r) => r,
+                    Err(QueueError::Integrity { .. }) => continue,
+                    Err(QueueError::UnknownKey { id, key_id }) => {
+                        tracing::error!(queue_id = %id, key_id, "queued message needs a key that is not loaded; skipping it");
+                        set_due(txn, id, None)?;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                let mut recipients = Vec::new();
+                let arrival = record.arrival;
+                for (index, (rcpt, spec)) in record
+                    .recipients
+                    .iter_mut()
+                    .zip(record.envelope.recipients.iter())
+                    .enumerate()
+                {
+                    let due = recipient_due(&rcpt.state, arrival).map(to_ms);
+                    if !matches!(due, Some(d) if d <= now_ms) {
+                        continue;
+                    }
+                    let previous = match &rcpt.state {
+                        RecipientState::InFlight { .. } => {
+                            rcpt.resume.clone().unwrap_or(RecipientState::Pending)
+                        }
+                        other => other.clone(),
+                    };
+                    rcpt.state = RecipientState::InFlight { lease_until };
+                    rcpt.resume = Some(previous.clone());
+                    recipients.push(LeasedRecipient {
+                        index,
+                        address: spec.address.clone(),
+                        notify: spec.notify.clone(),
+                        orcpt: spec.orcpt.clone(),
+                        attempts: rcpt.attempts,
+                        last_error: rcpt.last_error.clone(),
+                        previous,
+                    });
+                }
+                self.save(txn, id, &record)?;
+                if !recipients.is_empty() {
+                    leases.push(Lease {
+                        id,
+                        envelope: record.envelope.clone(),
+                        arrival,
+                        recipients,
+                    });
+                }
+            }
+            Ok(leases)
+        })
+    }
+
+    /// Records delivery outcomes; removes the message once every recipient is final.
+    pub(crate) fn complete(
+        &self,
+        id: QueueId,
+        results: Vec<(usize, Outcome)>,
+    ) -> Result<(), QueueError> {
+        let now = SystemTime::now();
+        let retry = self.opts.retry.clone();
+        self.update(id, "recording delivery outcomes", move |record| {
+            for (index, outcome) in results {
+                let rcpt = record
+                    .recipients
+                    .get_mut(index)
+                    .ok_or(QueueError::NoSuchRecipient { id, index })?;
+                if rcpt.state.is_final() {
+                    tracing::debug!(queue_id = %id, index, "outcome for a final recipient ignored");
+                    continue;
+                }
+                rcpt.attempts = rcpt.attempts.saturating_add(1);
+                let next = match outcome {
+                    Outcome::Delivered { .. } => RecipientState::Delivered,
+                    Outcome::Failed { reason } => {
+                        rcpt.last_error = Some(reason.clone());
+                        RecipientState::Failed { reason }
+                    }
+                    Outcome::Deferred { reason } => {
+                        rcpt.last_error = Some(reason.clone());
+                        RecipientState::Deferred {
+                            attempts: rcpt.attempts,
+                            next_attempt: now + retry_delay(&retry, rcpt.attempts),
+                            last_error: reason,
+                        }
+                    }
+                    Outcome::Held {
+                        until,
+                        step,
+                        reason,
+                    } => {
+                        rcpt.last_error = Some(reason.clone());
+                        RecipientState::Held {
+                            until,
+                            step,
+                            reason,
+                        }
+                    }
+                };
+                if rcpt.state == RecipientState::AdminHold && !next.is_final() {
+                    // stays on admin hold; resumes in the reported state when released
+                    rcpt.resume = Some(next);
+                } else {
+                    rcpt.state = next;
+                    rcpt.resume = None;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Returns every in-flight recipient (from a crash) to its earlier state, due now.
+    pub(crate) fn recover_leases(&self) -> Result<usize, QueueError> {
+        let ctx = "recovering leases";
+        let now = SystemTime::now();
+        self.store.write(ctx, |txn| {
+            let ids = all_ids(txn)?;
+            let mut recovered = 0;
+            for id in ids {
+                let mut record = match self.load(txn, id) {
+                    Ok(r) => r,
+                    Err(QueueError::Integrity { .. }) => continue,
+                    Err(e) => return Err(e),
+                };
+                let mut changed = false;
+                for rcpt in &mut record.recipients {
+                    if let RecipientState::InFlight { .. } = rcpt.state {
+                        rcpt.state = due_now(rcpt.resume.take(), now);
+                        changed = true;
+                        recovered += 1;
+                    }
+                }
+                if changed {
+                    self.save(txn, id, &record)?;
+                }
+            }
+            Ok(recovered)
+        })
+    }
+
+    /// Reads and decrypts a body.
+    pub(crate) fn body(&self, id: QueueId) -> Result<Vec<u8>, QueueError> {
+        let ctx = "reading a body";
+        let sealed = self.store.read(ctx, |txn| {
+            let bodies = txn.open_table(BODY).map_err(table_err(ctx))?;
+            let guard = bodies.get(id.as_u128()).map_err(op_err(ctx))?;
+            guard
+                .map(|g| g.value().to_vec())
+                .ok_or(QueueError::NotFound(id))
+        })?;
+        match self.unseal(id, Kind::Body, &sealed) {
+            Err(QueueError::Integrity { id }) => {
+                self.quarantine_now(id)?;
+                Err(QueueError::Integrity { id })
+            }
+            other => other,
+        }
+    }
+
+    /// Earliest due time in the index.
+    pub(crate) fn next_due(&self) -> Result<Option<SystemTime>, QueueError> {
+        let ctx = "reading the due index";
+        self.store.read(ctx, |txn| {
+            let due = txn.open_table(DUE).map_err(table_err(ctx))?;
+            let first = due.first().map_err(op_err(ctx))?;
+            Ok(first.map(|(k, _)| SystemTime::UNIX_EPOCH + Duration::from_millis(k.value().0)))
+        })
+    }
+
+    /// Re-encrypts every record not sealed under the primary key.
+    pub(crate) fn rekey(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<u64, QueueError> {
+        let ctx = "re-encrypting records";
+        let ids = self.store.read(ctx, |txn| {
+            let meta = txn.open_table(META).map_err(table_err(ctx))?;
+            let mut ids = Vec::new();
+            for entry in meta.iter().map_err(op_err(ctx))? {
+                let (k, _) = entry.map_err(op_err(ctx))?;
+                ids.push(QueueId::from_u128(k.value()));
+            }
+            Ok(ids)
+        })?;
+        let total = ids.len() as u64;
+        let primary = self.keys.primary().id;
+        let mut done = 0u64;
+        let mut rekeyed = 0u64;
+        progress(0, total);
+        for chunk in ids.chunks(32) {
+            rekeyed += self.store.write(ctx, |txn| {
+                let mut count = 0u64;
+                for &id in chunk {
+                    let mut changed = false;
+                    for (def, kind) in [(META, Kind::Meta), (BODY, Kind::Body)] {
+                        let mut table = txn.open_table(def).map_err(table_err(ctx))?;
+                        let sealed = match table.get(id.as_u128()).map_err(op_err(ctx))? {
+                            Some(g) => g.value().to_vec(),
+                            None => continue,
+                        };
+                        if crypto::key_id(&sealed) == Some(&primary[..]) {
+                            continue;
+                        }
+                        let plain = match self.unseal(id, kind, &sealed) {
+                            Ok(p) => p,
+                            Err(QueueError::Integrity { id }) => {
+                                drop(table);
+                                quarantine(txn, id)?;
+                                break;
+                            }
+                            Err(e) => return Err(e),
+                        };
+                        let resealed = self.seal(id, kind, &plain)?;
+                        table
+                            .insert(id.as_u128(), resealed.as_slice())
+                            .map_err(op_err(ctx))?;
+                        changed = true;
+                    }
+                    if changed {
+                        count += 1;
+                    }
+                }
+                Ok(count)
+            })?;
+            done += chunk.len() as u64;
+            progress(done, total);
+        }
+        Ok(rekeyed)
+    }
+}
+
+/// The state a recipient returns to when made due now.
+pub(crate) fn due_now(previous: Option<RecipientState>, now: SystemTime) -> RecipientState {
+    match previous {
+        Some(RecipientState::Deferred {
+            attempts,
+            last_error,
+            ..
+        }) => RecipientState::Deferred {
+            attempts,
+            next_attempt: now,
+            last_error,
+        },
+        Some(RecipientState::Held { step, reason, .. }) => RecipientState::Held {
+            until: now,
+            step,
+            reason,
+        },
+        _ => RecipientState::Pending,
+    }
+}
+
+/// Every queued message id.
+pub(crate) fn all_ids(txn: &WriteTransaction) -> Result<Vec<QueueId>, QueueError> {
+    let ctx = "listing messages";
+    let meta = txn.open_table(META).map_err(table_err(ctx))?;
+    let mut ids = Vec::new();
+    for entry in meta.iter().map_err(op_err(ctx))? {
+        let (k, _) = entry.map_err(op_err(ctx))?;
+        ids.push(QueueId::from_u128(k.value()));
+    }
+    Ok(ids)
+}
+
+/// Replaces a message's due index entry.
+pub(crate) fn set_due(
+    txn: &WriteTransaction,
+    id: QueueId,
+    due_ms: Option<u64>,
+) -> Result<(), QueueError> {
+    let ctx = "updating the due index";
+    let mut by_id = txn.open_table(DUE_BY_ID).map_err(table_err(ctx))?;
+    let mut due = txn.open_table(DUE).map_err(table_err(ctx))?;
+    let old = by_id
+        .remove(id.as_u128())
+        .map_err(op_err(ctx))?
+        .map(|g| g.value());
+    if let Some(old) = old {
+        due.remove((old, id.as_u128())).map_err(op_err(ctx))?;
+    }
+    if let Some(ms) = due_ms {
+        due.insert((ms, id.as_u128()), ()).map_err(op_err(ctx))?;
+        by_id.insert(id.as_u128(), ms).map_err(op_err(ctx))?;
+    }
+    Ok(())
+}
+
+/// Removes a message's record, body and index entries; false if it was not queued.
+pub(crate) fn remove_message(txn: &WriteTransaction, id: QueueId) -> Result<bool, QueueError> {
+    let ctx = "removing a message";
+    let existed = txn
+        .open_table(META)
+        .map_err(table_err(ctx))?
+        .remove(id.as_u128())
+        .map_err(op_err(ctx))?
+        .is_some();
+    txn.open_table(BODY)
+        .map_err(table_err(ctx))?
+        .remove(id.as_u128())
+        .map_err(op_err(ctx))?;
+    set_due(txn, id, None)?;
+    Ok(existed)
+}
+
+/// Moves a message's sealed records into the quarantine tables.
+pub(crate) fn quarantine(txn: &WriteTransaction, id: QueueId) -> Result<(), QueueError> {
+    let ctx = "quarantining a record";
+    for (from, to) in [(META, QUARANTINE_META), (BODY, QUARANTINE_BODY)] {
+        let sealed = txn
+            .open_table(from)
+            .map_err(table_err(ctx))?
+            .remove(id.as_u128())
+            .map_err(op_err(ctx))?
+            .map(|g| g.value().to_vec());
+        if let Some(sealed) = sealed {
+            txn.open_table(to)
+                .map_err(table_err(ctx))?
+                .insert(id.as_u128(), sealed.as_slice())
+                .map_err(op_err(ctx))?;
+        }
+    }
+    set_due(txn, id, None)?;
+    tracing::error!(queue_id = %id, "queued message quarantined: it will not be delivered");
+    Ok(())
+}

@@ -1,0 +1,200 @@
+//! The redb store: tables, opening (with corruption detection), reopening after I/O errors.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use redb::{Database, DatabaseError, ReadTransaction, TableDefinition, WriteTransaction};
+
+use crate::error::QueueError;
+
+/// Sealed envelope + state records by queue id.
+pub(crate) const META: TableDefinition<u128, &[u8]> = TableDefinition::new("meta");
+/// Sealed bodies by queue id.
+pub(crate) const BODY: TableDefinition<u128, &[u8]> = TableDefinition::new("body");
+/// Due index: (due ms, queue id) → ().
+pub(crate) const DUE: TableDefinition<(u64, u128), ()> = TableDefinition::new("due");
+/// Current due ms of each message in `DUE` (to find its index entry).
+pub(crate) const DUE_BY_ID: TableDefinition<u128, u64> = TableDefinition::new("due_by_id");
+/// Sealed records that failed authentication, kept as evidence, never delivered.
+pub(crate) const QUARANTINE_META: TableDefinition<u128, &[u8]> =
+    TableDefinition::new("quarantine_meta");
+/// Sealed bodies of quarantined messages.
+pub(crate) const QUARANTINE_BODY: TableDefinition<u128, &[u8]> =
+    TableDefinition::new("quarantine_body");
+
+/// The file name of the store inside the queue directory.
+pub(crate) const STORE_FILE: &str = "queue.redb";
+
+/// The redb database, reopened after an I/O error poisoned it.
+pub(crate) struct Store {
+    path: PathBuf,
+    db: RwLock<Option<Arc<Database>>>,
+}
+
+impl Store {
+    /// Opens or creates the store file and its tables.
+    pub(crate) fn open(path: &Path) -> Result<Store, QueueError> {
+        let db = open_db(path)?;
+        let txn = db
+            .begin_write()
+            .map_err(|e| QueueError::storage("creating tables", e))?;
+        {
+            for def in [META, BODY, QUARANTINE_META, QUARANTINE_BODY] {
+                txn.open_table(def)
+                    .map_err(|e| corrupt_or(path, "creating tables", e))?;
+            }
+            txn.open_table(DUE)
+                .map_err(|e| corrupt_or(path, "creating tables", e))?;
+            txn.open_table(DUE_BY_ID)
+                .map_err(|e| corrupt_or(path, "creating tables", e))?;
+        }
+        txn.commit()
+            .map_err(|e| QueueError::storage("creating tables", e))?;
+        Ok(Store {
+            path: path.to_path_buf(),
+            db: RwLock::new(Some(Arc::new(db))),
+        })
+    }
+
+    /// The store file.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The open database, reopening it if an earlier I/O error closed it.
+    fn db(&self) -> Result<Arc<Database>, QueueError> {
+        if let Ok(guard) = self.db.read() {
+            if let Some(db) = guard.as_ref() {
+                return Ok(db.clone());
+            }
+        }
+        let mut guard = self.db.write().map_err(|_| QueueError::Closed)?;
+        if let Some(db) = guard.as_ref() {
+            return Ok(db.clone());
+        }
+        let db = Arc::new(open_db(&self.path)?);
+        *guard = Some(db.clone());
+        tracing::warn!(path = %self.path.display(), "queue store reopened after an I/O error");
+        Ok(db)
+    }
+
+    /// Drops the handle after an I/O error so the next operation reopens (and repairs) the file.
+    fn invalidate(&self, err: &QueueError) {
+        if err.poisons_store() {
+            if let Ok(mut guard) = self.db.write() {
+                *guard = None;
+            }
+        }
+    }
+
+    /// Runs `f` in a write transaction and commits (fsync) if it returned Ok or `Integrity`
+    /// (the quarantine move is kept); any other error aborts the transaction.
+    pub(crate) fn write<T>(
+        &self,
+        context: &'static str,
+        f: impl FnOnce(&WriteTransaction) -> Result<T, QueueError>,
+    ) -> Result<T, QueueError> {
+        let result = self.write_inner(context, f);
+        if let Err(e) = &result {
+            self.invalidate(e);
+        }
+        result
+    }
+
+    fn write_inner<T>(
+        &self,
+        context: &'static str,
+        f: impl FnOnce(&WriteTransaction) -> Result<T, QueueError>,
+    ) -> Result<T, QueueError> {
+        let db = self.db()?;
+        let txn = db
+            .begin_write()
+            .map_err(|e| QueueError::storage(context, e))?;
+        match f(&txn) {
+            Ok(value) => {
+                txn.commit().map_err(|e| QueueError::storage(context, e))?;
+                Ok(value)
+            }
+            Err(err @ QueueError::Integrity { .. }) => {
+                txn.commit().map_err(|e| QueueError::storage(context, e))?;
+                Err(err)
+            }
+            Err(err) => {
+                // dropping aborts; an abort error adds nothing to `err`
+                drop(txn);
+                Err(err)
+            }
+        }
+    }
+
+    /// Runs `f` in a read transaction.
+    pub(crate) fn read<T>(
+        &self,
+        context: &'static str,
+        f: impl FnOnce(&ReadTransaction) -> Result<T, QueueError>,
+    ) -> Result<T, QueueError> {
+        let db = self.db()?;
+        let result = redb::ReadableDatabase::begin_read(&*db)
+            .map_err(|e| QueueError::storage(context, e))
+            .and_then(|txn| f(&txn));
+        drop(db);
+        if let Err(e) = &result {
+            self.invalidate(e);
+        }
+        result
+    }
+}
+
+/// Opens or creates the database file, mapping damage to `Corrupt` and a second opener to `Locked`.
+fn open_db(path: &Path) -> Result<Database, QueueError> {
+    Database::create(path).map_err(|e| match e {
+        DatabaseError::DatabaseAlreadyOpen => QueueError::Locked {
+            path: path.to_path_buf(),
+        },
+        DatabaseError::Storage(redb::StorageError::Io(io))
+            if io.kind() == std::io::ErrorKind::InvalidData =>
+        {
+            QueueError::Corrupt {
+                path: path.to_path_buf(),
+                detail: io.to_string(),
+            }
+        }
+        DatabaseError::Storage(redb::StorageError::Io(io)) => {
+            QueueError::io("opening the store", path.to_path_buf(), io)
+        }
+        DatabaseError::Storage(redb::StorageError::Corrupted(detail)) => QueueError::Corrupt {
+            path: path.to_path_buf(),
+            detail,
+        },
+        DatabaseError::RepairAborted => QueueError::Corrupt {
+            path: path.to_path_buf(),
+            detail: "repair aborted".to_string(),
+        },
+        DatabaseError::UpgradeRequired(v) => QueueError::Corrupt {
+            path: path.to_path_buf(),
+            detail: format!("unsupported file format version {v}"),
+        },
+        other => QueueError::storage("opening the store", other),
+    })
+}
+
+fn corrupt_or(path: &Path, context: &'static str, e: redb::TableError) -> QueueError {
+    match e {
+        redb::TableError::TableTypeMismatch { .. }
+        | redb::TableError::TypeDefinitionChanged { .. } => QueueError::Corrupt {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        },
+        other => QueueError::storage(context, other),
+    }
+}
+
+/// Maps a table-open error.
+pub(crate) fn table_err(context: &'static str) -> impl Fn(redb::TableError) -> QueueError {
+    move |e| QueueError::storage(context, e)
+}
+
+/// Maps a table operation error.
+pub(crate) fn op_err(context: &'static str) -> impl Fn(redb::StorageError) -> QueueError {
+    move |e| QueueError::storage(context, e)
+}
