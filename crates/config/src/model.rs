@@ -82,7 +82,7 @@ pub struct Listener {
     pub address: SocketAddr,
     /// `starttls`, `implicit` or `plain`.
     pub mode: ListenerMode,
-    /// Client networks allowed on a `plain` listener (loopback is always allowed).
+    /// Client networks allowed on a `plain` listener; empty means loopback only.
     #[serde(default)]
     pub allow: Vec<IpNet>,
     /// Policy for mail accepted without AUTH on a `plain` listener (default: `phi`).

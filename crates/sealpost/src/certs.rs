@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use sealpost_config::Config;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// Returns (certificate, private key) paths, generating a self-signed pair if `[tls]` is absent.
@@ -21,7 +21,11 @@ pub fn listener_certificate(config: &Config) -> Result<(PathBuf, PathBuf)> {
         );
         return Ok((cert, key));
     }
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
     let names = vec![config.server.hostname.clone(), "localhost".to_string()];
     let ck = rcgen::generate_simple_self_signed(names)
         .context("generating a self-signed certificate")?;

@@ -87,6 +87,7 @@ async fn accept_loop(b: Bound, shared: Arc<Shared>, mut shutdown: watch::Receive
     }
 }
 
+/// With no allow list only loopback clients are served; an explicit list replaces that default.
 fn allowed_plain(ip: IpAddr, allow: &[ipnet::IpNet]) -> bool {
     let ip = match ip {
         IpAddr::V6(v6) => v6
@@ -95,7 +96,11 @@ fn allowed_plain(ip: IpAddr, allow: &[ipnet::IpNet]) -> bool {
             .unwrap_or(IpAddr::V6(v6)),
         v4 => v4,
     };
-    ip.is_loopback() || allow.iter().any(|n| n.contains(&ip))
+    if allow.is_empty() {
+        ip.is_loopback()
+    } else {
+        allow.iter().any(|n| n.contains(&ip))
+    }
 }
 
 async fn refuse(mut stream: TcpStream, reply: sealpost_smtp::Reply) {
@@ -184,6 +189,8 @@ mod tests {
         assert!(allowed_plain("::ffff:127.0.0.1".parse().unwrap(), &[]));
         assert!(allowed_plain("10.1.2.3".parse().unwrap(), &nets));
         assert!(!allowed_plain("10.2.2.3".parse().unwrap(), &nets));
+        // An explicit list replaces the loopback default.
+        assert!(!allowed_plain("127.0.0.1".parse().unwrap(), &nets));
         assert!(!allowed_plain("192.0.2.1".parse().unwrap(), &[]));
     }
 }
