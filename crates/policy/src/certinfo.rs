@@ -24,18 +24,18 @@ pub(crate) struct LeafReport {
     pub(crate) weak_signature: Option<PolicyViolation>,
 }
 
-/// Signature algorithm OIDs whose hash is below SHA-256.
-const WEAK_SIGNATURE_OIDS: &[&str] = &[
-    "1.2.840.113549.1.1.2",   // md2WithRSAEncryption
-    "1.2.840.113549.1.1.3",   // md4WithRSAEncryption
-    "1.2.840.113549.1.1.4",   // md5WithRSAEncryption
-    "1.2.840.113549.1.1.5",   // sha1WithRSAEncryption
-    "1.2.840.113549.1.1.14",  // sha224WithRSAEncryption
-    "1.3.14.3.2.29",          // sha1WithRSA (OIW)
-    "1.2.840.10045.4.1",      // ecdsa-with-SHA1
-    "1.2.840.10045.4.3.1",    // ecdsa-with-SHA224
-    "1.2.840.10040.4.3",      // dsa-with-sha1
-    "2.16.840.1.101.3.4.3.1", // dsa-with-sha224
+/// Signature algorithm OIDs whose hash is below SHA-256, with their names.
+const WEAK_SIGNATURES: &[(&str, &str)] = &[
+    ("1.2.840.113549.1.1.2", "md2WithRSAEncryption"),
+    ("1.2.840.113549.1.1.3", "md4WithRSAEncryption"),
+    ("1.2.840.113549.1.1.4", "md5WithRSAEncryption"),
+    ("1.2.840.113549.1.1.5", "sha1WithRSAEncryption"),
+    ("1.2.840.113549.1.1.14", "sha224WithRSAEncryption"),
+    ("1.3.14.3.2.29", "sha1WithRSASignature"),
+    ("1.2.840.10045.4.1", "ecdsa-with-SHA1"),
+    ("1.2.840.10045.4.3.1", "ecdsa-with-SHA224"),
+    ("1.2.840.10040.4.3", "dsa-with-sha1"),
+    ("2.16.840.1.101.3.4.3.1", "dsa-with-sha224"),
 ];
 
 const OID_P256: &str = "1.2.840.10045.3.1.7";
@@ -63,8 +63,9 @@ pub(crate) fn read_leaf(der: &[u8]) -> Result<LeafReport, String> {
     let (key, key_ok) = describe_key(&cert);
     let signature_oid = cert.signature_algorithm.algorithm.to_id_string();
     let signature = oid_name(&cert.signature_algorithm.algorithm);
-    let weak_signature = WEAK_SIGNATURE_OIDS
-        .contains(&signature_oid.as_str())
+    let weak_signature = WEAK_SIGNATURES
+        .iter()
+        .any(|(oid, _)| *oid == signature_oid)
         .then(|| PolicyViolation {
             verdict: Verdict::WeakSignature,
             detail: format!("leaf certificate signed with {signature}, below SHA-256"),
@@ -91,6 +92,10 @@ pub(crate) fn read_leaf(der: &[u8]) -> Result<LeafReport, String> {
 }
 
 fn oid_name(oid: &Oid<'_>) -> String {
+    let dotted = oid.to_id_string();
+    if let Some((_, name)) = WEAK_SIGNATURES.iter().find(|(weak, _)| *weak == dotted) {
+        return (*name).to_owned();
+    }
     x509_parser::objects::oid2sn(oid, x509_parser::objects::oid_registry())
         .map_or_else(|_| oid.to_id_string(), str::to_owned)
 }

@@ -555,3 +555,56 @@ async fn rsa_1024_leaf_is_weak_key() {
     assert_eq!(tls.leaf.as_ref().unwrap().key, "RSA-1024");
     assert_eq!(tls.chain_sha256, vec![sha256_hex(cert.der())]);
 }
+
+#[tokio::test]
+async fn leaf_signed_with_sha1_is_weak_signature() {
+    let root = root_ca("Test Root");
+    let dir = tempfile::tempdir().unwrap();
+    let ca_cert = write(dir.path(), "ca.pem", &root.pem());
+    let ca_key = write(dir.path(), "ca.key", &root.key().serialize_pem());
+    let key = p256();
+    let csr = leaf_params(&[MX]).serialize_request(&key).unwrap();
+    let csr_path = write(dir.path(), "leaf.csr", &csr.pem().unwrap());
+    let leaf_path = dir.path().join("leaf.pem");
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        csr_path.to_str().unwrap(),
+        "-CA",
+        ca_cert.to_str().unwrap(),
+        "-CAkey",
+        ca_key.to_str().unwrap(),
+        "-CAcreateserial",
+        "-copy_extensions",
+        "copy",
+        "-days",
+        "30",
+        "-sha1",
+        "-out",
+        leaf_path.to_str().unwrap(),
+    ]);
+    let leaf_pem = std::fs::read(&leaf_path).unwrap();
+    use rustls_pki_types::pem::PemObject;
+    let leaf = CertificateDer::from_pem_slice(&leaf_pem).unwrap();
+    let config = server_config(vec![leaf.clone()], key_der(&key)).unwrap();
+    let addr = serve_once(config).await;
+    let ev = attempt(&verified_spec(), &trust_with(dir.path(), &[&root]), addr).await;
+    assert_eq!(ev.reason, Verdict::WeakSignature, "{ev:?}");
+    let facts = ev.tls.as_ref().unwrap().leaf.clone().unwrap();
+    assert_eq!(facts.signature, "ecdsa-with-SHA1");
+    assert_eq!(facts.sans, vec![MX]);
+}
+
+#[tokio::test]
+async fn leaf_signed_by_an_impostor_key_is_bad_signature() {
+    let root = root_ca("Test Root");
+    // Same issuer name as the trusted root, different key: the signature cannot verify.
+    let impostor = rcgen::Issuer::new(ca_params("Test Root"), KeyPair::generate().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let key = p256();
+    let cert = leaf_params(&[MX]).signed_by(&key, &impostor).unwrap();
+    let addr = serve_once(server_config(vec![cert.der().clone()], key_der(&key)).unwrap()).await;
+    let ev = attempt(&verified_spec(), &trust_with(dir.path(), &[&root]), addr).await;
+    assert_eq!(ev.reason, Verdict::BadSignature, "{ev:?}");
+}
