@@ -29,6 +29,8 @@ pub enum Op {
     Delete,
     /// Counts by state.
     Stats,
+    /// Re-encrypt every record under the newest key.
+    Rekey,
 }
 
 /// A request over the admin socket.
@@ -42,6 +44,9 @@ pub struct Request {
     pub json: bool,
     /// Who asked (the OS user running the CLI), for the audit record.
     pub who: String,
+    /// Show progress on stderr (only when run in the CLI process itself).
+    #[serde(default)]
+    pub progress: bool,
 }
 
 /// The answer: printed by the CLI as it is.
@@ -144,6 +149,32 @@ pub async fn execute(queue: &Queue, audit: &AuditLog, req: &Request) -> Result<S
                     st.quarantined, st.body_bytes, st.store_bytes
                 )
             }
+        }
+        Op::Rekey => {
+            let q = queue.clone();
+            let interactive = req.progress;
+            let changed = tokio::task::spawn_blocking(move || {
+                q.rekey(&mut |done, total| {
+                    if interactive && (done == total || done % 100 == 0) {
+                        eprint!("\rre-encrypting: {done}/{total}");
+                        if done == total {
+                            eprintln!();
+                        }
+                    }
+                })
+            })
+            .await
+            .context("rekey task")??;
+            audit
+                .record(
+                    Record::new(Event::Admin)
+                        .detail("action", "rekey")
+                        .detail("messages", changed)
+                        .detail("by", req.who.clone()),
+                )
+                .await
+                .context("recording the admin action in the audit log")?;
+            format!("rekey: {changed} message(s) re-encrypted under the primary key")
         }
         Op::Retry | Op::Hold | Op::Release | Op::Delete => {
             let id = parse_id(req)?;

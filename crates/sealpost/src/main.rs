@@ -100,6 +100,8 @@ enum QueueCmd {
     },
     /// Counts of messages and recipients by state.
     Stats,
+    /// Re-encrypt every queued record under the primary key (after adding a new key_file).
+    Rekey,
 }
 
 #[derive(Subcommand, Debug)]
@@ -180,6 +182,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let (op, id) = match command {
                 QueueCmd::List => (admin::Op::List, None),
                 QueueCmd::Stats => (admin::Op::Stats, None),
+                QueueCmd::Rekey => (admin::Op::Rekey, None),
                 QueueCmd::Show { id } => (admin::Op::Show, Some(id)),
                 QueueCmd::Retry { id } => (admin::Op::Retry, Some(id)),
                 QueueCmd::Hold { id } => (admin::Op::Hold, Some(id)),
@@ -191,6 +194,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 id,
                 json,
                 who: std::env::var("USER").unwrap_or_else(|_| format!("uid {}", current_uid())),
+                progress: false,
             };
             let config = source(config).load()?;
             tokio_runtime()?.block_on(queue_command(config, req))
@@ -236,6 +240,10 @@ async fn queue_command(config: sealpost_config::Config, req: admin::Request) -> 
             // No server running: open the store directly (redb locks it against a second opener).
             let queue = serve::open_queue(&config)?;
             let audit = serve::open_audit(&config)?;
+            let req = admin::Request {
+                progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+                ..req
+            };
             match admin::execute(&queue, &audit, &req).await {
                 Ok(output) => admin::Response { ok: true, output },
                 Err(e) => admin::Response {
