@@ -1,5 +1,5 @@
 //! Enqueue throughput (messages/s, fsync'd) for 10 KB and 1 MB bodies at concurrency 1 and 50,
-//! with and without group commit.
+//! with and without group commit. Bodies live in redb (see docs/decisions.md, "Queue body storage").
 //!
 //! Run: `cargo bench -p sealpost-queue --bench enqueue_bench` (release build).
 //! The store goes to `$SEALPOST_BENCH_DIR` (default: the system temp dir); it must be a real disk.
@@ -32,14 +32,7 @@ fn envelope() -> Envelope {
     }
 }
 
-async fn run(
-    layout_spool: bool,
-    group: bool,
-    size: usize,
-    concurrency: usize,
-    budget: Duration,
-    cap: u64,
-) -> f64 {
+async fn run(group: bool, size: usize, concurrency: usize, budget: Duration, cap: u64) -> f64 {
     let base = std::env::var_os("SEALPOST_BENCH_DIR").map_or_else(std::env::temp_dir, Into::into);
     let dir = tempfile::tempdir_in(base).expect("temp dir");
     let key = dir.path().join("queue.key");
@@ -53,7 +46,6 @@ async fn run(
     };
     let tuning = Tuning {
         max_batch: if group { 256 } else { 1 },
-        spool: layout_spool,
     };
     let queue = Queue::open_tuned(opts, keys, tuning).expect("open");
     let body = vec![b'x'; size];
@@ -92,24 +84,21 @@ fn main() {
             .and_then(|s| s.parse().ok())
             .unwrap_or(4),
     );
-    println!("| layout | group commit | body | sessions | messages/s | MB/s |");
-    println!("|---|---|---|---|---|---|");
-    for spool in [false, true] {
-        for size in [10 * 1024, 1024 * 1024] {
-            for concurrency in [1, 50] {
-                for group in [false, true] {
-                    let cap = if size > 100_000 { 2_000 } else { 50_000 };
-                    let rate = rt.block_on(run(spool, group, size, concurrency, budget, cap));
-                    println!(
-                        "| {} | {} | {} | {} | {:.0} | {:.1} |",
-                        if spool { "spool files" } else { "redb" },
-                        if group { "on" } else { "off" },
-                        if size > 100_000 { "1 MB" } else { "10 KB" },
-                        concurrency,
-                        rate,
-                        rate * size as f64 / 1_048_576.0
-                    );
-                }
+    println!("| group commit | body | sessions | messages/s | MB/s |");
+    println!("|---|---|---|---|---|");
+    for size in [10 * 1024, 1024 * 1024] {
+        for concurrency in [1, 50] {
+            for group in [false, true] {
+                let cap = if size > 100_000 { 2_000 } else { 50_000 };
+                let rate = rt.block_on(run(group, size, concurrency, budget, cap));
+                println!(
+                    "| {} | {} | {} | {:.0} | {:.1} |",
+                    if group { "on" } else { "off" },
+                    if size > 100_000 { "1 MB" } else { "10 KB" },
+                    concurrency,
+                    rate,
+                    rate * size as f64 / 1_048_576.0
+                );
             }
         }
     }

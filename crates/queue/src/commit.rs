@@ -19,14 +19,14 @@ const MAX_BATCH_BYTES: usize = 64 * 1024 * 1024;
 pub(crate) struct Job {
     pub(crate) id: QueueId,
     pub(crate) meta: Vec<u8>,
-    pub(crate) body: Option<Vec<u8>>,
+    pub(crate) body: Vec<u8>,
     pub(crate) due_ms: u64,
     pub(crate) reply: oneshot::Sender<Result<(), QueueError>>,
 }
 
 impl Job {
     fn bytes(&self) -> usize {
-        self.meta.len() + self.body.as_ref().map_or(0, Vec::len)
+        self.meta.len() + self.body.len()
     }
 }
 
@@ -145,10 +145,10 @@ fn insert(txn: &redb::WriteTransaction, job: &Job) -> Result<(), QueueError> {
         ));
     }
     meta.insert(id, job.meta.as_slice()).map_err(op_err(ctx))?;
-    if let Some(body) = &job.body {
-        let mut bodies = txn.open_table(BODY).map_err(table_err(ctx))?;
-        bodies.insert(id, body.as_slice()).map_err(op_err(ctx))?;
-    }
+    let mut bodies = txn.open_table(BODY).map_err(table_err(ctx))?;
+    bodies
+        .insert(id, job.body.as_slice())
+        .map_err(op_err(ctx))?;
     let mut due = txn.open_table(DUE).map_err(table_err(ctx))?;
     due.insert((job.due_ms, id), ()).map_err(op_err(ctx))?;
     let mut due_by_id = txn.open_table(DUE_BY_ID).map_err(table_err(ctx))?;

@@ -25,8 +25,6 @@ pub(crate) struct Inner {
     pub(crate) opts: QueueOptions,
     pub(crate) notify: Arc<Notify>,
     pub(crate) committer: Committer,
-    /// Spool directory for bodies (benchmark comparison only).
-    pub(crate) spool: Option<std::path::PathBuf>,
 }
 
 impl Inner {
@@ -161,7 +159,7 @@ impl Inner {
                     Ok(r) => r,
                     Err(QueueError::Integrity { .. }) => continue,
                     Err(QueueError::UnknownKey { id, key_id }) => {
-                        tracing::error!(queue_id = %id, key_id, "queued message needs a key that is not loaded; skipping it");
+                        tracing::error!(queue_id = %id, key_id, "queued message needs a key that is not loaded; skipping it until the queue is reopened with that key");
                         set_due(txn, id, None)?;
                         continue;
                     }
@@ -269,7 +267,8 @@ impl Inner {
         })
     }
 
-    /// Returns every in-flight recipient (from a crash) to its earlier state, due now.
+    /// Returns every in-flight recipient (from a crash) to its earlier state, due now, and
+    /// re-derives any due index entry that does not match its record.
     pub(crate) fn recover_leases(&self) -> Result<usize, QueueError> {
         let ctx = "recovering leases";
         let now = SystemTime::now();
@@ -292,6 +291,18 @@ impl Inner {
                 }
                 if changed {
                     self.save(txn, id, &record)?;
+                } else {
+                    // the due index is derived data: make sure it matches the record
+                    let wanted = message_due_ms(&record);
+                    let indexed = txn
+                        .open_table(DUE_BY_ID)
+                        .map_err(table_err(ctx))?
+                        .get(id.as_u128())
+                        .map_err(op_err(ctx))?
+                        .map(|g| g.value());
+                    if indexed != wanted {
+                        set_due(txn, id, wanted)?;
+                    }
                 }
             }
             Ok(recovered)

@@ -16,8 +16,7 @@ mod store;
 #[cfg(test)]
 mod tests;
 
-use std::fs::{self, DirBuilder, File};
-use std::io::Write;
+use std::fs::DirBuilder;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -57,16 +56,11 @@ pub struct QueueOptions {
 pub struct Tuning {
     /// Most enqueues per group commit (1 = no group commit).
     pub max_batch: usize,
-    /// Store bodies in fsync'd spool files instead of redb.
-    pub spool: bool,
 }
 
 impl Default for Tuning {
     fn default() -> Self {
-        Tuning {
-            max_batch: 256,
-            spool: false,
-        }
+        Tuning { max_batch: 256 }
     }
 }
 
@@ -161,17 +155,6 @@ impl Queue {
             .mode(0o700)
             .create(&opts.dir)
             .map_err(|e| QueueError::io("creating the queue directory", opts.dir.clone(), e))?;
-        let spool = if tuning.spool {
-            let dir = opts.dir.join("spool");
-            DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&dir)
-                .map_err(|e| QueueError::io("creating the spool directory", dir.clone(), e))?;
-            Some(dir)
-        } else {
-            None
-        };
         let store = Arc::new(Store::open(&opts.dir.join(STORE_FILE))?);
         let committer = Committer::start(store.clone(), tuning.max_batch)?;
         let inner = Inner {
@@ -180,7 +163,6 @@ impl Queue {
             opts,
             notify: Arc::new(Notify::new()),
             committer,
-            spool,
         };
         let recovered = inner.recover_leases()?;
         if recovered > 0 {
@@ -211,7 +193,7 @@ impl Queue {
         }
         let id = QueueId::generate();
         let arrival = SystemTime::now();
-        let (job, rx, spool_file) = self
+        let (job, rx) = self
             .blocking(move |inner| {
                 let record = MessageRecord::new(env, arrival, body.len() as u64);
                 let plain = record.encode().map_err(|e| QueueError::Decode {
@@ -219,16 +201,7 @@ impl Queue {
                     detail: e.to_string(),
                 })?;
                 let meta = inner.seal(id, Kind::Meta, &plain)?;
-                let sealed_body = inner.seal(id, Kind::Body, &body)?;
-                drop(body);
-                let (body, spool_file) = match &inner.spool {
-                    Some(dir) => {
-                        let path = dir.join(id.to_string());
-                        write_synced(&path, &sealed_body)?;
-                        (None, Some(path))
-                    }
-                    None => (Some(sealed_body), None),
-                };
+                let body = inner.seal(id, Kind::Body, &body)?;
                 let (reply, rx) = oneshot::channel();
                 let job = Job {
                     id,
@@ -237,17 +210,11 @@ impl Queue {
                     due_ms: to_ms(arrival),
                     reply,
                 };
-                Ok((job, rx, spool_file))
+                Ok((job, rx))
             })
             .await?;
         self.inner.committer.submit(job)?;
-        let result = rx.await.map_err(|_| QueueError::Closed).and_then(|r| r);
-        if let Err(e) = result {
-            if let Some(path) = spool_file {
-                let _ = fs::remove_file(path);
-            }
-            return Err(e);
-        }
+        rx.await.map_err(|_| QueueError::Closed)??;
         self.inner.notify.notify_one();
         Ok(id)
     }
@@ -341,18 +308,4 @@ impl Queue {
     pub fn rekey(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<u64, QueueError> {
         self.inner.rekey(progress)
     }
-}
-
-/// Writes a file, fsyncs it and its directory.
-fn write_synced(path: &std::path::Path, data: &[u8]) -> Result<(), QueueError> {
-    let io = |e| QueueError::io("writing a spool file", path.to_path_buf(), e);
-    let mut file = File::create(path).map_err(io)?;
-    if let Err(e) = file.write_all(data).and_then(|()| file.sync_all()) {
-        let _ = fs::remove_file(path);
-        return Err(io(e));
-    }
-    if let Some(dir) = path.parent() {
-        File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
-    }
-    Ok(())
 }

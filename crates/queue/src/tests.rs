@@ -629,3 +629,24 @@ async fn full_disk_fails_cleanly_with_no_partial_record() {
         .unwrap();
     assert_eq!(q.body(small).await.unwrap(), vec![9; 100]);
 }
+
+#[tokio::test]
+async fn due_index_is_rebuilt_from_records_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = {
+        let q = open(dir.path());
+        q.enqueue(envelope("a@x", &["b@y"]), b"b".to_vec())
+            .await
+            .unwrap()
+    };
+    {
+        let db = redb::Database::create(dir.path().join(crate::store::STORE_FILE)).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.delete_table(crate::store::DUE).unwrap();
+        txn.delete_table(crate::store::DUE_BY_ID).unwrap();
+        txn.commit().unwrap();
+    }
+    let q = open(dir.path());
+    let leases = q.lease_due(SystemTime::now(), 10).await.unwrap();
+    assert_eq!(leases.iter().map(|l| l.id).collect::<Vec<_>>(), vec![id]);
+}
