@@ -4,6 +4,7 @@ mod admin;
 mod certs;
 mod logging;
 mod serve;
+mod systemd;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};

@@ -1,6 +1,6 @@
 //! `sealpost serve`: open the state, bind the listeners, run until SIGTERM; SIGHUP reloads.
 
-use crate::{admin, certs};
+use crate::{admin, certs, systemd};
 use anyhow::{Context, Result};
 use sealpost_audit::{AuditLog, AuditOptions, Event, Record};
 use sealpost_config::Config;
@@ -117,6 +117,7 @@ pub async fn run(source: ConfigSource) -> Result<()> {
         .record(Record::new(Event::Started).detail("version", env!("CARGO_PKG_VERSION")))
         .await?;
     tracing::info!(hostname = %config.server.hostname, "sealpost ready");
+    systemd::ready("accepting mail");
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -125,10 +126,15 @@ pub async fn run(source: ConfigSource) -> Result<()> {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => reload(&source, &rt_tx, &audit).await,
+            _ = hup.recv() => {
+                systemd::reloading();
+                reload(&source, &rt_tx, &audit).await;
+                systemd::reloaded("accepting mail");
+            }
         }
     }
     tracing::info!("stopping: no new connections; waiting for sessions in flight");
+    systemd::stopping();
     let _ = stop_tx.send(true);
     let _ = listeners.await;
     let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
