@@ -47,6 +47,18 @@ pub struct Config {
     /// `[audit]`: the hash-chained audit log.
     #[serde(default)]
     pub audit: Audit,
+    /// `[admin]`: the HTTP endpoint for metrics and health checks.
+    #[serde(default)]
+    pub admin: Admin,
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    /// Address of the HTTP endpoint serving `/metrics` (Prometheus) and `/healthz`; absent: off.
+    #[serde(default)]
+    pub http: Option<SocketAddr>,
 }
 
 /// `[server]`.

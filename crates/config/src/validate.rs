@@ -328,6 +328,12 @@ pub(crate) fn validate(c: &Config, origin: &dyn Fn(&str) -> String) -> Vec<Probl
         }
     }
 
+    if let Some(http) = c.admin.http {
+        if c.listeners.iter().any(|l| l.address == http) {
+            v.add("admin.http", format!("{http} is already an SMTP listener"));
+        }
+    }
+
     if c.audit.rotate_size.0 < 64 * 1024 {
         v.add("audit.rotate_size", "must be at least 64KB");
     }

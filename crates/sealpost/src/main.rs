@@ -2,6 +2,7 @@
 
 mod admin;
 mod certs;
+mod http;
 mod logging;
 mod serve;
 mod systemd;

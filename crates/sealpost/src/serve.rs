@@ -1,6 +1,6 @@
 //! `sealpost serve`: open the state, bind the listeners, run until SIGTERM; SIGHUP reloads.
 
-use crate::{admin, certs, systemd};
+use crate::{admin, certs, http, systemd};
 use anyhow::{Context, Result};
 use sealpost_audit::{AuditLog, AuditOptions, Event, Record};
 use sealpost_config::Config;
@@ -107,6 +107,23 @@ pub async fn run(source: ConfigSource) -> Result<()> {
             }
         })
     };
+    let metrics_task = match config.admin.http {
+        Some(addr) => {
+            let handle = http::install_recorder()?;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding admin.http {addr}"))?;
+            drop(listener); // fail at start, not later, if the address is taken
+            let gauges = tokio::spawn(http::queue_gauges(queue.clone()));
+            let server = tokio::spawn(async move {
+                if let Err(e) = http::serve(addr, handle).await {
+                    tracing::error!(error = %format!("{e:#}"), "admin HTTP endpoint stopped");
+                }
+            });
+            Some((gauges, server))
+        }
+        None => None,
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
     let listeners = tokio::spawn(sealpost_submission::serve(
         bound,
@@ -148,6 +165,10 @@ pub async fn run(source: ConfigSource) -> Result<()> {
         );
     }
     admin_task.abort();
+    if let Some((gauges, server)) = metrics_task {
+        gauges.abort();
+        server.abort();
+    }
     let _ = std::fs::remove_file(&admin_path);
     audit.record(Record::new(Event::Stopped)).await?;
     tracing::info!("stopped");

@@ -132,6 +132,7 @@ async fn connection(
         Ok(slot) => slot,
         Err(why) => {
             tracing::warn!(client = %peer, limit = ?why, "connection refused: too many connections");
+            metrics::counter!("sealpost_connections_refused_total").increment(1);
             if mode == ListenerMode::Implicit {
                 // The client expects TLS first; a plaintext reply would be garbage to it.
                 return;

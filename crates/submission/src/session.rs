@@ -454,6 +454,7 @@ impl Session {
             .0
             .saturating_mul(1 << (self.auth_failures - 1).min(6));
         tracing::warn!(client = %self.peer, failures = self.auth_failures, "authentication failed");
+        metrics::counter!("sealpost_auth_failures_total").increment(1);
         let rec = Record::new(Event::AuthFailed)
             .user(printable(&name, 64))
             .client_ip(self.peer.ip())
@@ -634,6 +635,7 @@ impl Session {
 
     /// Checks, prepares and queues a received message; returns the final reply.
     async fn accept(&mut self, txn: Transaction, raw: Vec<u8>) -> Reply {
+        let started = std::time::Instant::now();
         let protocol = match (self.esmtp, self.tls.is_some(), self.user.is_some()) {
             (true, true, true) => "ESMTPSA",
             (true, true, false) => "ESMTPS",
@@ -759,6 +761,9 @@ impl Session {
             return Reply::new(451, Some(S::TEMP_SYSTEM), "Temporary service failure");
         }
         tracing::info!(queue_id = %id, recipients = rcpt_count, size = queued_size, "accepted");
+        metrics::counter!("sealpost_messages_accepted_total").increment(1);
+        metrics::counter!("sealpost_recipients_accepted_total").increment(rcpt_count as u64);
+        metrics::histogram!("sealpost_acceptance_seconds").record(started.elapsed().as_secs_f64());
         Reply::new(250, Some(S::OK), &format!("Ok {id}"))
     }
 }
