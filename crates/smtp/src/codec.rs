@@ -1,0 +1,438 @@
+//! Strict CRLF line reader over an async byte stream.
+
+use std::io;
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// How many bytes one read from the stream asks for at most.
+const CHUNK: usize = 8 * 1024;
+
+/// Why a line could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum LineError {
+    /// The line exceeded the length limit; the reader has discarded it up to and including its CRLF.
+    #[error("line too long")]
+    TooLong,
+    /// An LF not preceded by CR; the reader has consumed the bytes up to and including that LF.
+    #[error("bare LF in line")]
+    BareLf,
+    /// A CR not followed by LF; the reader has consumed the bytes up to and including that CR.
+    #[error("bare CR in line")]
+    BareCr,
+    /// The peer closed the connection before a complete line arrived.
+    #[error("connection closed before the end of the line")]
+    Eof,
+    /// Reading from the stream failed.
+    #[error("read failed: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Reads CRLF-terminated lines from a stream, rejecting bare CR and bare LF.
+///
+/// The reader owns its buffer so that a server can see, and drop, bytes the client sent ahead
+/// (RFC 3207: plaintext pipelined behind STARTTLS must be discarded).
+#[derive(Debug)]
+pub struct LineReader<S> {
+    stream: S,
+    /// Buffered bytes; the unread ones are `buf[pos..]`.
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+/// Where the first line ending candidate in a buffer is, and what it is.
+enum Ending {
+    /// A CRLF whose CR is at this offset.
+    Crlf(usize),
+    /// A bare LF at this offset.
+    BareLf(usize),
+    /// A CR at this offset followed by something other than LF.
+    BareCr(usize),
+    /// A CR at this offset that is the last buffered byte (need more input to decide).
+    PendingCr(usize),
+    /// No CR or LF at all.
+    None,
+}
+
+/// Finds the first line ending (or line ending error) in `bytes`.
+fn find_ending(bytes: &[u8]) -> Ending {
+    match bytes.iter().position(|&b| b == b'\r' || b == b'\n') {
+        None => Ending::None,
+        Some(i) if bytes.get(i) == Some(&b'\n') => Ending::BareLf(i),
+        Some(i) => match bytes.get(i + 1) {
+            None => Ending::PendingCr(i),
+            Some(b'\n') => Ending::Crlf(i),
+            Some(_) => Ending::BareCr(i),
+        },
+    }
+}
+
+impl<S: AsyncRead + Unpin> LineReader<S> {
+    /// Wraps a stream with an empty buffer.
+    pub fn new(stream: S) -> Self {
+        Self {
+            stream,
+            buf: Vec::with_capacity(CHUNK),
+            pos: 0,
+        }
+    }
+
+    /// Wraps a stream whose first bytes were already read into `buffered`.
+    pub fn with_buffered(stream: S, buffered: Vec<u8>) -> Self {
+        Self {
+            stream,
+            buf: buffered,
+            pos: 0,
+        }
+    }
+
+    /// Reads one line and returns it without its CRLF.
+    ///
+    /// `max_len` counts the CRLF (RFC 5321: command lines 512, text lines 1000).
+    /// On [`LineError::TooLong`] the rest of the line has been discarded, so the next call
+    /// starts at the next line; a bare CR or LF met while discarding is reported instead.
+    pub async fn read_line(&mut self, max_len: usize) -> Result<Vec<u8>, LineError> {
+        let len = self.fill_line(max_len).await?;
+        let line = self.line_bytes(len).to_vec();
+        self.consume_line(len);
+        Ok(line)
+    }
+
+    /// Makes sure a complete line of at most `max_len` bytes (CRLF included) is buffered at the
+    /// read position and returns its length without the CRLF.
+    pub(crate) async fn fill_line(&mut self, max_len: usize) -> Result<usize, LineError> {
+        let max_content = max_len.saturating_sub(2);
+        let mut scanned = 0;
+        loop {
+            let unread = self.buf.get(self.pos..).unwrap_or_default();
+            let tail = unread.get(scanned..).unwrap_or_default();
+            match find_ending(tail) {
+                Ending::Crlf(i) => {
+                    let len = scanned + i;
+                    if len > max_content {
+                        self.pos += len + 2;
+                        return Err(LineError::TooLong);
+                    }
+                    return Ok(len);
+                }
+                Ending::BareLf(i) => {
+                    self.pos += scanned + i + 1;
+                    return Err(LineError::BareLf);
+                }
+                Ending::BareCr(i) => {
+                    self.pos += scanned + i + 1;
+                    return Err(LineError::BareCr);
+                }
+                Ending::PendingCr(i) => scanned += i,
+                Ending::None => scanned += tail.len(),
+            }
+            if scanned > max_content {
+                // The content is already longer than allowed: drop what we hold and skip the
+                // rest of the line without keeping it.
+                self.pos += scanned;
+                self.discard_line().await?;
+                return Err(LineError::TooLong);
+            }
+            self.fill_more().await?;
+        }
+    }
+
+    /// The first `len` unread bytes (the line found by `fill_line`).
+    pub(crate) fn line_bytes(&self, len: usize) -> &[u8] {
+        self.buf.get(self.pos..self.pos + len).unwrap_or_default()
+    }
+
+    /// Consumes a line of `len` bytes and its CRLF.
+    pub(crate) fn consume_line(&mut self, len: usize) {
+        self.pos = (self.pos + len + 2).min(self.buf.len());
+    }
+
+    /// Discards input up to and including the next CRLF, keeping memory bounded.
+    async fn discard_line(&mut self) -> Result<(), LineError> {
+        loop {
+            let unread = self.buf.get(self.pos..).unwrap_or_default();
+            match find_ending(unread) {
+                Ending::Crlf(i) => {
+                    self.pos += i + 2;
+                    return Ok(());
+                }
+                Ending::BareLf(i) => {
+                    self.pos += i + 1;
+                    return Err(LineError::BareLf);
+                }
+                Ending::BareCr(i) => {
+                    self.pos += i + 1;
+                    return Err(LineError::BareCr);
+                }
+                // Keep only the CR: its successor decides.
+                Ending::PendingCr(i) => self.pos += i,
+                Ending::None => self.pos = self.buf.len(),
+            }
+            self.fill_more().await?;
+        }
+    }
+
+    /// Reads one more chunk from the stream, compacting the buffer first.
+    async fn fill_more(&mut self) -> Result<(), LineError> {
+        if self.pos >= self.buf.len() {
+            self.buf.clear();
+            self.pos = 0;
+        } else if self.pos > 0 {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
+        self.buf.reserve(CHUNK);
+        // `read_buf` only appends what was read, so cancelling this future loses nothing.
+        let n = (&mut self.stream)
+            .take(CHUNK as u64)
+            .read_buf(&mut self.buf)
+            .await?;
+        if n == 0 {
+            return Err(LineError::Eof);
+        }
+        Ok(())
+    }
+
+    /// How many received bytes are buffered and not yet returned.
+    pub fn buffered(&self) -> usize {
+        self.buf.len().saturating_sub(self.pos)
+    }
+
+    /// Drops all buffered bytes and returns how many there were (RFC 3207, CVE-2011-0411).
+    pub fn discard_buffered(&mut self) -> usize {
+        let n = self.buffered();
+        self.buf.clear();
+        self.pos = 0;
+        n
+    }
+
+    /// Returns the stream and the buffered bytes not yet returned.
+    pub fn into_inner(mut self) -> (S, Vec<u8>) {
+        let leftover = self.buf.split_off(self.pos.min(self.buf.len()));
+        (self.stream, leftover)
+    }
+
+    /// The underlying stream (e.g. to write replies).
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.stream
+    }
+
+    /// The underlying stream, read-only.
+    pub fn get_ref(&self) -> &S {
+        &self.stream
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    //! Readers that exercise chunk boundaries.
+
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use tokio::io::{AsyncRead, ReadBuf};
+
+    /// Returns at most one byte per poll, and is pending every other poll.
+    pub(crate) struct Trickle {
+        data: Vec<u8>,
+        pos: usize,
+        pend: bool,
+    }
+
+    impl Trickle {
+        /// A reader over `data` handing out one byte at a time.
+        pub(crate) fn new(data: &[u8]) -> Self {
+            Self {
+                data: data.to_vec(),
+                pos: 0,
+                pend: false,
+            }
+        }
+
+        /// How many bytes were handed out.
+        pub(crate) fn consumed(&self) -> usize {
+            self.pos
+        }
+    }
+
+    impl AsyncRead for Trickle {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            let this = &mut *self;
+            this.pend = !this.pend;
+            if this.pend {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            if let Some(&b) = this.data.get(this.pos) {
+                buf.put_slice(&[b]);
+                this.pos += 1;
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testutil::Trickle;
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn reads_lines_without_crlf() {
+        let mut r = LineReader::new(&b"EHLO a\r\nQUIT\r\n\r\n"[..]);
+        assert_eq!(r.read_line(512).await.unwrap(), b"EHLO a");
+        assert_eq!(r.read_line(512).await.unwrap(), b"QUIT");
+        assert_eq!(r.read_line(512).await.unwrap(), b"");
+        assert!(matches!(r.read_line(512).await, Err(LineError::Eof)));
+    }
+
+    #[tokio::test]
+    async fn bare_lf_is_an_error_and_consumed() {
+        let mut r = LineReader::new(&b"NOOP\nQUIT\r\n"[..]);
+        assert!(matches!(r.read_line(512).await, Err(LineError::BareLf)));
+        assert_eq!(r.read_line(512).await.unwrap(), b"QUIT");
+    }
+
+    #[tokio::test]
+    async fn bare_cr_is_an_error_and_consumed() {
+        let mut r = LineReader::new(&b"NO\rOP\r\nQUIT\r\n"[..]);
+        assert!(matches!(r.read_line(512).await, Err(LineError::BareCr)));
+        assert_eq!(r.read_line(512).await.unwrap(), b"OP");
+        assert_eq!(r.read_line(512).await.unwrap(), b"QUIT");
+    }
+
+    #[tokio::test]
+    async fn cr_at_eof_is_eof_not_a_line() {
+        let mut r = LineReader::new(&b"QUIT\r"[..]);
+        assert!(matches!(r.read_line(512).await, Err(LineError::Eof)));
+        let mut r = LineReader::new(&b"QUIT"[..]);
+        assert!(matches!(r.read_line(512).await, Err(LineError::Eof)));
+    }
+
+    #[tokio::test]
+    async fn limit_counts_the_crlf() {
+        let mut r = LineReader::new(&b"12345678\r\n123456789\r\nok\r\n"[..]);
+        assert_eq!(r.read_line(10).await.unwrap(), b"12345678");
+        assert!(matches!(r.read_line(10).await, Err(LineError::TooLong)));
+        assert_eq!(r.read_line(10).await.unwrap(), b"ok");
+    }
+
+    #[tokio::test]
+    async fn too_long_line_resyncs_to_next_line() {
+        // Longer than one chunk, so the discard has to read more from the stream.
+        let mut input = vec![b'x'; 3 * CHUNK + 17];
+        input.extend_from_slice(b"\r\nNOOP\r\n");
+        let mut r = LineReader::new(&input[..]);
+        assert!(matches!(r.read_line(512).await, Err(LineError::TooLong)));
+        assert_eq!(r.read_line(512).await.unwrap(), b"NOOP");
+        // Memory stayed bounded while discarding.
+        assert!(r.buf.capacity() <= 4 * CHUNK, "{}", r.buf.capacity());
+    }
+
+    #[tokio::test]
+    async fn too_long_line_with_bare_lf_reports_bare_lf() {
+        let mut input = vec![b'x'; 600];
+        input.extend_from_slice(b"\nNOOP\r\n");
+        let mut r = LineReader::new(&input[..]);
+        assert!(matches!(r.read_line(512).await, Err(LineError::BareLf)));
+        assert_eq!(r.read_line(512).await.unwrap(), b"NOOP");
+    }
+
+    #[tokio::test]
+    async fn too_long_line_one_byte_at_a_time_with_split_crlf() {
+        let mut input = vec![b'y'; 700];
+        input.extend_from_slice(b"\r\nRSET\r\n");
+        let mut r = LineReader::new(Trickle::new(&input));
+        assert!(matches!(r.read_line(512).await, Err(LineError::TooLong)));
+        assert_eq!(r.read_line(512).await.unwrap(), b"RSET");
+    }
+
+    #[tokio::test]
+    async fn one_byte_per_poll_handles_split_crlf() {
+        let input = b"MAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nbad\rX\r\nend\n";
+        let mut r = LineReader::new(Trickle::new(input));
+        assert_eq!(r.read_line(512).await.unwrap(), b"MAIL FROM:<a@b.c>");
+        assert_eq!(r.read_line(512).await.unwrap(), b"RCPT TO:<d@e.f>");
+        assert!(matches!(r.read_line(512).await, Err(LineError::BareCr)));
+        assert_eq!(r.read_line(512).await.unwrap(), b"X");
+        assert!(matches!(r.read_line(512).await, Err(LineError::BareLf)));
+        assert!(matches!(r.read_line(512).await, Err(LineError::Eof)));
+    }
+
+    #[tokio::test]
+    async fn reads_in_chunks_not_bytes() {
+        // All pipelined commands arrive in one read and stay buffered.
+        let mut r =
+            LineReader::new(&b"STARTTLS\r\nMAIL FROM:<evil@x.y>\r\nRCPT TO:<a@b.c>\r\n"[..]);
+        assert_eq!(r.read_line(512).await.unwrap(), b"STARTTLS");
+        assert_eq!(r.buffered(), 39);
+    }
+
+    #[tokio::test]
+    async fn starttls_discards_pipelined_plaintext() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        client
+            .write_all(b"STARTTLS\r\nMAIL FROM:<evil@x.y>\r\n")
+            .await
+            .unwrap();
+        let mut r = LineReader::new(server);
+        assert_eq!(r.read_line(512).await.unwrap(), b"STARTTLS");
+        assert_eq!(r.buffered(), 22);
+        assert_eq!(r.discard_buffered(), 22);
+        assert_eq!(r.buffered(), 0);
+        let (stream, leftover) = r.into_inner();
+        assert!(leftover.is_empty());
+        // Only bytes sent after the discard are seen by a new reader on the same stream.
+        client.write_all(b"EHLO again\r\n").await.unwrap();
+        let mut r = LineReader::new(stream);
+        assert_eq!(r.read_line(512).await.unwrap(), b"EHLO again");
+    }
+
+    #[tokio::test]
+    async fn into_inner_returns_leftover_bytes() {
+        let mut r = LineReader::new(&b"220 hi\r\nrest"[..]);
+        assert_eq!(r.read_line(512).await.unwrap(), b"220 hi");
+        let (_, leftover) = r.into_inner();
+        assert_eq!(leftover, b"rest");
+    }
+
+    #[tokio::test]
+    async fn with_buffered_reads_given_bytes_first() {
+        let mut r = LineReader::with_buffered(&b"B\r\n"[..], b"A\r\n".to_vec());
+        assert_eq!(r.read_line(512).await.unwrap(), b"A");
+        assert_eq!(r.read_line(512).await.unwrap(), b"B");
+    }
+
+    #[tokio::test]
+    async fn io_error_is_reported() {
+        let (client, server) = tokio::io::duplex(64);
+        drop(client);
+        let mut r = LineReader::new(server);
+        assert!(matches!(r.read_line(512).await, Err(LineError::Eof)));
+        let mut r = LineReader::new(tokio_test_err::Failing);
+        assert!(matches!(r.read_line(512).await, Err(LineError::Io(_))));
+    }
+
+    mod tokio_test_err {
+        use std::pin::Pin;
+        use std::task::{Context, Poll};
+        use tokio::io::{AsyncRead, ReadBuf};
+
+        /// A reader whose every read fails.
+        pub(super) struct Failing;
+
+        impl AsyncRead for Failing {
+            fn poll_read(
+                self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+                _: &mut ReadBuf<'_>,
+            ) -> Poll<std::io::Result<()>> {
+                Poll::Ready(Err(std::io::Error::other("boom")))
+            }
+        }
+    }
+}

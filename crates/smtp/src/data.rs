@@ -1,0 +1,579 @@
+//! The DATA phase: reading a dot-stuffed message (server) and writing one (client).
+
+use std::io;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+use crate::codec::{LineError, LineReader};
+use crate::reply::Reply;
+use crate::status::EnhancedStatus;
+
+/// Size of the chunks `write_data` hands to the writer.
+const WRITE_CHUNK: usize = 64 * 1024;
+
+/// Limits applied while reading a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataLimits {
+    /// Largest message accepted, in octets after dot-unstuffing, CRLFs included.
+    pub max_size: u64,
+    /// Longest line on the wire, CRLF included (RFC 5321: 1000).
+    pub max_line: usize,
+}
+
+impl Default for DataLimits {
+    /// 40 MB messages (the SES limit), 1000-octet lines.
+    fn default() -> Self {
+        Self {
+            max_size: 40 * 1000 * 1000,
+            max_line: 1000,
+        }
+    }
+}
+
+/// Why a message was not received. Each variant names the reply the session should send.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// A bare LF or bare CR (SMTP smuggling, CERT VU#302671). Reading stopped right there.
+    /// Reply 521 5.5.2 and close the connection: the client's framing cannot be trusted.
+    #[error("bare CR or LF in message data")]
+    BareLineEnding,
+    /// The message exceeded `max_size`; the rest was read and discarded up to the final dot.
+    /// Reply 552 5.3.4 and continue the session.
+    #[error("message too big")]
+    TooBig,
+    /// A line exceeded `max_line`; the rest was read and discarded up to the final dot.
+    /// Reply 500 5.5.6 and continue the session.
+    #[error("line too long in message data")]
+    LineTooLong,
+    /// A NUL byte in the message; the rest was read and discarded up to the final dot.
+    /// Reply 554 5.6.0 and continue the session.
+    #[error("NUL byte in message data")]
+    NulByte,
+    /// The connection closed before the final dot: nothing may be queued; no reply can be sent.
+    #[error("connection closed during DATA")]
+    Eof,
+    /// Reading failed before the final dot: nothing may be queued; close the connection.
+    #[error("read failed during DATA: {0}")]
+    Io(io::Error),
+}
+
+impl DataError {
+    /// The reply to send (for `Eof`/`Io` a 421 that can only be sent best-effort).
+    pub fn reply(&self) -> Reply {
+        use EnhancedStatus as S;
+        match self {
+            DataError::BareLineEnding => Reply::new(
+                521,
+                Some(S::SYNTAX),
+                "Bare CR or LF not allowed; only CRLF ends a line",
+            ),
+            DataError::TooBig => Reply::new(552, Some(S::TOO_BIG), "Message is too long."),
+            DataError::LineTooLong => Reply::new(500, Some(S::LINE_TOO_LONG), "Line too long"),
+            DataError::NulByte => {
+                Reply::new(554, Some(S::MEDIA), "NUL characters not allowed in message")
+            }
+            DataError::Eof | DataError::Io(_) => {
+                Reply::new(421, Some(S::BAD_CONNECTION), "Connection lost during DATA")
+            }
+        }
+    }
+
+    /// Whether the session can go on after sending the reply (the final dot was read).
+    pub fn session_can_continue(&self) -> bool {
+        matches!(
+            self,
+            DataError::TooBig | DataError::LineTooLong | DataError::NulByte
+        )
+    }
+}
+
+/// Reads a message after the 354 reply, up to the line `.`, and removes dot-stuffing.
+///
+/// The result keeps the CRLF line endings as sent. Only CRLF.CRLF ends the message; a bare LF
+/// or CR stops reading at once with [`DataError::BareLineEnding`]. Once an error that allows
+/// the session to continue is found, the rest is read and dropped without being kept.
+pub async fn read_data<S: AsyncRead + Unpin>(
+    reader: &mut LineReader<S>,
+    limits: DataLimits,
+) -> Result<Vec<u8>, DataError> {
+    let mut message = Vec::new();
+    let mut size: u64 = 0;
+    let mut failure: Option<DataError> = None;
+    loop {
+        let len = match reader.fill_line(limits.max_line).await {
+            Ok(len) => len,
+            Err(LineError::TooLong) => {
+                failure.get_or_insert(DataError::LineTooLong);
+                message = Vec::new();
+                continue;
+            }
+            Err(LineError::BareLf | LineError::BareCr) => return Err(DataError::BareLineEnding),
+            Err(LineError::Eof) => return Err(DataError::Eof),
+            Err(LineError::Io(e)) => return Err(DataError::Io(e)),
+        };
+        let line = reader.line_bytes(len);
+        if line == b"." {
+            reader.consume_line(len);
+            break;
+        }
+        if failure.is_none() {
+            let content = line.strip_prefix(b".").unwrap_or(line);
+            size = size.saturating_add(content.len() as u64 + 2);
+            if content.contains(&0) {
+                failure = Some(DataError::NulByte);
+            } else if size > limits.max_size {
+                failure = Some(DataError::TooBig);
+            } else {
+                message.extend_from_slice(content);
+                message.extend_from_slice(b"\r\n");
+            }
+            if failure.is_some() {
+                message = Vec::new();
+            }
+        }
+        reader.consume_line(len);
+    }
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(message),
+    }
+}
+
+/// Checks that every CR is followed by LF and every LF preceded by CR.
+fn only_crlf(message: &[u8]) -> bool {
+    let mut prev_cr = false;
+    for &b in message {
+        match b {
+            b'\n' if !prev_cr => return false,
+            _ if prev_cr && b != b'\n' => return false,
+            _ => {}
+        }
+        prev_cr = b == b'\r';
+    }
+    !prev_cr
+}
+
+/// Sends a message dot-stuffed and terminated by `.\r\n`, adding a final CRLF if missing.
+///
+/// The message must use CRLF line endings only; a bare CR or LF is refused with
+/// `InvalidInput` before anything is written. Writes in chunks of 64 KiB and flushes.
+pub async fn write_data<W: AsyncWrite + Unpin>(w: &mut W, message: &[u8]) -> io::Result<()> {
+    if !only_crlf(message) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "message contains a bare CR or LF",
+        ));
+    }
+    let mut out = Vec::with_capacity(WRITE_CHUNK + 1024);
+    let mut rest = message;
+    while !rest.is_empty() {
+        // Every LF is preceded by CR (checked above), so LF ends a line.
+        let end = rest
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(rest.len(), |i| i + 1);
+        let (line, tail) = rest.split_at(end);
+        rest = tail;
+        if line.first() == Some(&b'.') {
+            out.push(b'.');
+        }
+        if line.len() >= WRITE_CHUNK {
+            w.write_all(&out).await?;
+            out.clear();
+            w.write_all(line).await?;
+        } else {
+            out.extend_from_slice(line);
+            if out.len() >= WRITE_CHUNK {
+                w.write_all(&out).await?;
+                out.clear();
+            }
+        }
+    }
+    if !message.is_empty() && !message.ends_with(b"\r\n") {
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b".\r\n");
+    w.write_all(&out).await?;
+    w.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::testutil::Trickle;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    const LIMITS: DataLimits = DataLimits {
+        max_size: 10 * 1024 * 1024,
+        max_line: 1000,
+    };
+
+    /// The commands an attacker tries to smuggle after a fake end of data.
+    const SMUGGLED: &[u8] = b"MAIL FROM:<x@y>\r\nRCPT TO:<z@w>\r\nDATA\r\nevil\r\n.\r\n";
+
+    async fn read_all(input: &[u8], limits: DataLimits) -> (Result<Vec<u8>, DataError>, Vec<u8>) {
+        let mut r = LineReader::new(input);
+        let result = read_data(&mut r, limits).await;
+        let (_, leftover) = r.into_inner();
+        (result, leftover)
+    }
+
+    async fn stuffed(message: &[u8]) -> Vec<u8> {
+        let mut wire = Vec::new();
+        write_data(&mut wire, message).await.unwrap();
+        wire
+    }
+
+    #[tokio::test]
+    async fn reads_until_dot_and_unstuffs() {
+        let (m, rest) = read_all(
+            b"Subject: x\r\n\r\n..leading dot\r\n...two\r\n.\r\nQUIT\r\n",
+            LIMITS,
+        )
+        .await;
+        assert_eq!(m.unwrap(), b"Subject: x\r\n\r\n.leading dot\r\n..two\r\n");
+        assert_eq!(rest, b"QUIT\r\n");
+    }
+
+    #[tokio::test]
+    async fn first_line_may_be_the_dot() {
+        let (m, rest) = read_all(b".\r\nQUIT\r\n", LIMITS).await;
+        assert_eq!(m.unwrap(), b"");
+        assert_eq!(rest, b"QUIT\r\n");
+    }
+
+    #[tokio::test]
+    async fn dot_with_trailing_text_is_not_the_end() {
+        let (m, _) = read_all(b"a\r\n. \r\n.x\r\n.\r\n", LIMITS).await;
+        assert_eq!(m.unwrap(), b"a\r\n \r\nx\r\n");
+    }
+
+    #[tokio::test]
+    async fn stuffing_round_trip_for_dot_lines() {
+        for message in [
+            &b".\r\n"[..],
+            b"..\r\n",
+            b".",
+            b".hidden\r\n..double\r\nplain\r\n.\r\n",
+            b"",
+            b"no final crlf",
+            b"\r\n\r\n",
+        ] {
+            let wire = stuffed(message).await;
+            let (got, rest) = read_all(&wire, LIMITS).await;
+            let mut expected = message.to_vec();
+            if !expected.is_empty() && !expected.ends_with(b"\r\n") {
+                expected.extend_from_slice(b"\r\n");
+            }
+            assert_eq!(got.unwrap(), expected, "{message:?}");
+            assert!(rest.is_empty());
+        }
+        assert_eq!(stuffed(b".").await, b"..\r\n.\r\n");
+        assert_eq!(stuffed(b"a\r\n.b\r\n").await, b"a\r\n..b\r\n.\r\n");
+        assert_eq!(stuffed(b"").await, b".\r\n");
+    }
+
+    /// Sends `prefix ++ SMUGGLED` one byte per poll and checks that reading stops at the bare
+    /// line ending, `stop` bytes into the input, never reaching the smuggled commands.
+    async fn assert_smuggling_stopped(prefix: &[u8], stop: usize) {
+        let input = [prefix, SMUGGLED].concat();
+        let mut r = LineReader::new(Trickle::new(&input));
+        let result = read_data(&mut r, LIMITS).await;
+        assert!(
+            matches!(result, Err(DataError::BareLineEnding)),
+            "{prefix:?}: {result:?}"
+        );
+        assert_eq!(r.get_ref().consumed(), stop, "{prefix:?}");
+        // And in one chunk: same verdict, and the smuggled message is never returned as data.
+        let (result, _) = read_all(&input, LIMITS).await;
+        assert!(matches!(result, Err(DataError::BareLineEnding)));
+    }
+
+    #[tokio::test]
+    async fn smuggling_lf_dot_lf() {
+        assert_smuggling_stopped(b"hello\n.\n", 6).await;
+    }
+
+    #[tokio::test]
+    async fn smuggling_crlf_dot_cr() {
+        // The CR after the dot needs one more byte to be judged bare.
+        assert_smuggling_stopped(b"hello\r\n.\r", 10).await;
+    }
+
+    #[tokio::test]
+    async fn smuggling_lf_dot_crlf() {
+        assert_smuggling_stopped(b"hello\n.\r\n", 6).await;
+    }
+
+    #[tokio::test]
+    async fn smuggling_cr_dot_cr() {
+        assert_smuggling_stopped(b"hello\r.\r", 7).await;
+    }
+
+    #[tokio::test]
+    async fn too_big_drains_to_the_dot() {
+        let mut input = b"x\r\n".repeat(1000);
+        input.extend_from_slice(b".\r\nQUIT\r\n");
+        let limits = DataLimits {
+            max_size: 100,
+            max_line: 1000,
+        };
+        let (m, rest) = read_all(&input, limits).await;
+        assert!(matches!(m, Err(DataError::TooBig)));
+        assert_eq!(rest, b"QUIT\r\n");
+        assert_eq!(
+            DataError::TooBig.reply().to_wire(),
+            b"552 5.3.4 Message is too long.\r\n"
+        );
+        // Exactly at the limit is fine.
+        let limits = DataLimits {
+            max_size: 3000,
+            max_line: 1000,
+        };
+        assert_eq!(read_all(&input, limits).await.0.unwrap().len(), 3000);
+        let limits = DataLimits {
+            max_size: 2999,
+            max_line: 1000,
+        };
+        assert!(matches!(
+            read_all(&input, limits).await.0,
+            Err(DataError::TooBig)
+        ));
+    }
+
+    #[tokio::test]
+    async fn bare_lf_while_draining_still_stops() {
+        let mut input = b"x\r\n".repeat(100);
+        input.extend_from_slice(b"y\n.\n");
+        input.extend_from_slice(SMUGGLED);
+        let limits = DataLimits {
+            max_size: 10,
+            max_line: 1000,
+        };
+        let (m, rest) = read_all(&input, limits).await;
+        assert!(matches!(m, Err(DataError::BareLineEnding)));
+        assert!(rest.ends_with(SMUGGLED));
+    }
+
+    #[tokio::test]
+    async fn line_too_long_drains_and_resyncs() {
+        let mut input = b"ok\r\n".to_vec();
+        input.extend_from_slice(&[b'a'; 999]);
+        input.extend_from_slice(b"\r\nmore\r\n.\r\nQUIT\r\n");
+        let (m, rest) = read_all(&input, LIMITS).await;
+        assert!(matches!(m, Err(DataError::LineTooLong)));
+        assert_eq!(rest, b"QUIT\r\n");
+        // 998 + CRLF = 1000 is allowed.
+        let mut input = vec![b'a'; 998];
+        input.extend_from_slice(b"\r\n.\r\n");
+        assert_eq!(read_all(&input, LIMITS).await.0.unwrap().len(), 1000);
+    }
+
+    #[tokio::test]
+    async fn long_line_with_bare_lf_stops() {
+        let mut input = vec![b'a'; 5000];
+        input.extend_from_slice(b"\n.\n");
+        input.extend_from_slice(SMUGGLED);
+        let (m, _) = read_all(&input, LIMITS).await;
+        assert!(matches!(m, Err(DataError::BareLineEnding)));
+    }
+
+    #[tokio::test]
+    async fn nul_byte_drains_and_is_refused() {
+        let (m, rest) = read_all(b"a\0b\r\nc\r\n.\r\nQUIT\r\n", LIMITS).await;
+        let e = m.unwrap_err();
+        assert!(matches!(e, DataError::NulByte));
+        assert!(e.session_can_continue());
+        assert_eq!(e.reply().code, 554);
+        assert_eq!(e.reply().status, Some(EnhancedStatus::MEDIA));
+        assert_eq!(rest, b"QUIT\r\n");
+    }
+
+    #[tokio::test]
+    async fn eof_and_io_errors_queue_nothing() {
+        let (m, _) = read_all(b"partial\r\nmessage", LIMITS).await;
+        assert!(matches!(m, Err(DataError::Eof)));
+        let (m, _) = read_all(b"partial\r\n.", LIMITS).await;
+        assert!(matches!(m, Err(DataError::Eof)));
+        let (client, server) = tokio::io::duplex(64);
+        drop(client);
+        let mut r = LineReader::new(server);
+        assert!(matches!(
+            read_data(&mut r, LIMITS).await,
+            Err(DataError::Eof)
+        ));
+        let mut r = LineReader::new(FailingReader);
+        let e = read_data(&mut r, LIMITS).await.unwrap_err();
+        assert!(matches!(e, DataError::Io(_)));
+        assert!(!e.session_can_continue());
+    }
+
+    #[test]
+    fn replies_per_error() {
+        let code = |e: DataError| {
+            let r = e.reply();
+            (r.code, r.status.map(|s| s.to_string()))
+        };
+        assert_eq!(code(DataError::BareLineEnding), (521, Some("5.5.2".into())));
+        assert_eq!(code(DataError::TooBig), (552, Some("5.3.4".into())));
+        assert_eq!(code(DataError::LineTooLong), (500, Some("5.5.6".into())));
+        assert_eq!(code(DataError::NulByte), (554, Some("5.6.0".into())));
+        assert_eq!(code(DataError::Eof), (421, Some("4.4.2".into())));
+        assert!(!DataError::BareLineEnding.session_can_continue());
+    }
+
+    #[tokio::test]
+    async fn five_megabyte_message() {
+        let line = b"0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz\r\n";
+        let mut message = Vec::new();
+        let mut i = 0u32;
+        while message.len() < 5 * 1024 * 1024 {
+            if i.is_multiple_of(7) {
+                message.push(b'.');
+            }
+            message.extend_from_slice(line);
+            i += 1;
+        }
+        let mut writer = CountingWriter::default();
+        write_data(&mut writer, &message).await.unwrap();
+        assert!(
+            writer.writes <= message.len() / WRITE_CHUNK + 3,
+            "{}",
+            writer.writes
+        );
+        assert!(writer.flushed);
+        let (got, rest) = read_all(&writer.bytes, LIMITS).await;
+        assert_eq!(got.unwrap(), message);
+        assert!(rest.is_empty());
+    }
+
+    #[tokio::test]
+    async fn one_byte_per_poll_message() {
+        let message = b"From: a@b.c\r\n\r\n.x\r\n\r\n..\r\nend".repeat(50);
+        let wire = stuffed(&message).await;
+        let mut r = LineReader::new(Trickle::new(&wire));
+        let got = read_data(&mut r, LIMITS).await.unwrap();
+        let mut expected = message.clone();
+        expected.extend_from_slice(b"\r\n");
+        assert_eq!(got, expected);
+    }
+
+    #[tokio::test]
+    async fn write_refuses_bare_line_endings_before_writing() {
+        for bad in [&b"a\nb"[..], b"a\rb", b"a\r", b"\n", b"a\r\r\n", b"a\n\r\n"] {
+            let mut out = Vec::new();
+            let e = write_data(&mut out, bad).await.unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{bad:?}");
+            assert!(out.is_empty());
+        }
+    }
+
+    #[tokio::test]
+    async fn write_handles_huge_lines() {
+        let mut message = vec![b'.'];
+        message.extend(std::iter::repeat_n(b'z', 3 * WRITE_CHUNK));
+        let wire = stuffed(&message).await;
+        assert!(wire.starts_with(b".."));
+        assert!(wire.ends_with(b"z\r\n.\r\n"));
+        let limits = DataLimits {
+            max_size: u64::MAX,
+            max_line: usize::MAX,
+        };
+        let (got, _) = read_all(&wire, limits).await;
+        message.extend_from_slice(b"\r\n");
+        assert_eq!(got.unwrap(), message);
+    }
+
+    /// xorshift64*: a small deterministic generator for the property test.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+
+        fn below(&mut self, n: u64) -> usize {
+            (self.next() % n) as usize
+        }
+    }
+
+    #[tokio::test]
+    async fn random_messages_round_trip() {
+        let alphabet = b".. .a.Z\t=-\xc3\xa9";
+        let mut rng = Rng(0x5EA1_7057_1234_5678);
+        for case in 0..500 {
+            let mut message = Vec::new();
+            for _ in 0..rng.below(40) {
+                for _ in 0..rng.below(120) {
+                    message.push(alphabet[rng.below(alphabet.len() as u64)]);
+                }
+                message.extend_from_slice(b"\r\n");
+            }
+            if rng.below(4) == 0 {
+                message.push(b'.');
+            }
+            let wire = stuffed(&message).await;
+            assert!(only_crlf(&wire));
+            assert!(wire.ends_with(b"\r\n.\r\n") || wire == b".\r\n");
+            let chunked = rng.below(10) == 0;
+            let got = if chunked {
+                let mut r = LineReader::new(Trickle::new(&wire));
+                read_data(&mut r, LIMITS).await.unwrap()
+            } else {
+                let (got, rest) = read_all(&wire, LIMITS).await;
+                assert!(rest.is_empty(), "case {case}");
+                got.unwrap()
+            };
+            if !message.is_empty() && !message.ends_with(b"\r\n") {
+                message.extend_from_slice(b"\r\n");
+            }
+            assert_eq!(got, message, "case {case}");
+        }
+    }
+
+    /// A writer that records the bytes and counts write calls.
+    #[derive(Default)]
+    struct CountingWriter {
+        bytes: Vec<u8>,
+        writes: usize,
+        flushed: bool,
+    }
+
+    impl AsyncWrite for CountingWriter {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.writes += 1;
+            self.bytes.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.flushed = true;
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A reader whose every read fails.
+    struct FailingReader;
+
+    impl AsyncRead for FailingReader {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Ready(Err(io::Error::other("boom")))
+        }
+    }
+}
