@@ -90,6 +90,9 @@ impl<S: AsyncRead + Unpin> LineReader<S> {
     /// `max_len` counts the CRLF (RFC 5321: command lines 512, text lines 1000).
     /// On [`LineError::TooLong`] the rest of the line has been discarded, so the next call
     /// starts at the next line; a bare CR or LF met while discarding is reported instead.
+    ///
+    /// Cancel-safe (no byte is lost if the future is dropped), except while discarding a
+    /// too-long line: a cancelled discard leaves the rest of that line to be read as a line.
     pub async fn read_line(&mut self, max_len: usize) -> Result<Vec<u8>, LineError> {
         let len = self.fill_line(max_len).await?;
         let line = self.line_bytes(len).to_vec();

@@ -535,6 +535,26 @@ fn parse_auth(args: &[u8]) -> Result<Command, CommandError> {
 }
 
 impl Command {
+    /// The command's verb in upper case (safe to log: it carries no arguments).
+    pub fn verb(&self) -> &'static str {
+        match self {
+            Command::Ehlo(_) => "EHLO",
+            Command::Helo(_) => "HELO",
+            Command::Mail { .. } => "MAIL",
+            Command::Rcpt { .. } => "RCPT",
+            Command::Data => "DATA",
+            Command::Bdat => "BDAT",
+            Command::Rset => "RSET",
+            Command::Noop => "NOOP",
+            Command::Quit => "QUIT",
+            Command::Vrfy(_) => "VRFY",
+            Command::Expn(_) => "EXPN",
+            Command::Help(_) => "HELP",
+            Command::StartTls => "STARTTLS",
+            Command::Auth { .. } => "AUTH",
+        }
+    }
+
     /// Parses a command line given without its CRLF.
     pub fn parse(line: &[u8], opts: ParseOptions) -> Result<Command, CommandError> {
         if line.contains(&0) {
@@ -654,6 +674,8 @@ mod tests {
             Ok(Command::Vrfy("postmaster".into()))
         );
         assert_eq!(parse("EXPN staff"), Ok(Command::Expn("staff".into())));
+        assert_eq!(parse("starttls").map(|c| c.verb()), Ok("STARTTLS"));
+        assert_eq!(parse("MAIL FROM:<>").map(|c| c.verb()), Ok("MAIL"));
     }
 
     #[test]

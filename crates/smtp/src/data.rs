@@ -446,6 +446,18 @@ mod tests {
         let (got, rest) = read_all(&writer.bytes, LIMITS).await;
         assert_eq!(got.unwrap(), message);
         assert!(rest.is_empty());
+
+        // Over a real in-memory pipe smaller than the message, writer and reader concurrently.
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let sent = message.clone();
+        let writer = tokio::spawn(async move {
+            write_data(&mut client, &sent).await?;
+            client.write_all(b"QUIT\r\n").await
+        });
+        let mut r = LineReader::new(server);
+        assert_eq!(read_data(&mut r, LIMITS).await.unwrap(), message);
+        assert_eq!(r.read_line(512).await.unwrap(), b"QUIT");
+        writer.await.unwrap().unwrap();
     }
 
     #[tokio::test]
