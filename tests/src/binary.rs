@@ -20,7 +20,14 @@ pub fn sealpost_bin() -> &'static Path {
             .map(|ws| ws.join("Cargo.toml"))
             .unwrap_or_else(|| PathBuf::from("Cargo.toml"));
         let out = Command::new(&cargo)
-            .args(["build", "-p", "sealpost", "--bin", "sealpost", "--manifest-path"])
+            .args([
+                "build",
+                "-p",
+                "sealpost",
+                "--bin",
+                "sealpost",
+                "--manifest-path",
+            ])
             .arg(&manifest)
             .stdin(Stdio::null())
             .output()
@@ -43,7 +50,9 @@ pub fn sealpost_bin() -> &'static Path {
 /// `target/debug/` derived from the running test executable (`target/debug/deps/<exe>`).
 fn target_profile_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_else(|e| panic!("current_exe: {e}"));
-    let deps = exe.parent().unwrap_or_else(|| panic!("{} has no parent", exe.display()));
+    let deps = exe
+        .parent()
+        .unwrap_or_else(|| panic!("{} has no parent", exe.display()));
     let dir = if deps.ends_with("deps") {
         deps.parent().unwrap_or(deps)
     } else {

@@ -134,8 +134,8 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 fn ca_params(cn: &str) -> CertificateParams {
-    let mut params = CertificateParams::new(Vec::<String>::new())
-        .unwrap_or_else(|e| panic!("CA params: {e}"));
+    let mut params =
+        CertificateParams::new(Vec::<String>::new()).unwrap_or_else(|e| panic!("CA params: {e}"));
     params.distinguished_name.push(DnType::CommonName, cn);
     params
         .distinguished_name
@@ -243,6 +243,13 @@ impl TestCa {
             chain_sha256.push(sha256_hex(&der));
         }
         self.finish(stem, chain, &key, cert.der().to_vec(), chain_sha256)
+    }
+
+    /// Issues a leaf like [`TestCa::issue`], with file names chosen for it (`leaf-N`).
+    pub fn leaf(&self, spec: &LeafSpec) -> CertFiles {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.issue(&format!("leaf-{n}"), spec)
     }
 
     /// Makes a self-signed leaf (not issued by this CA) and writes it like [`TestCa::issue`].

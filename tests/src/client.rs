@@ -59,6 +59,12 @@ impl Reply {
         ok.then_some(first)
     }
 
+    /// Panics unless the reply has exactly this code (for replies without an enhanced code).
+    #[track_caller]
+    pub fn assert_code(&self, code: u16) {
+        assert!(self.code == code, "expected {code}, got {self}");
+    }
+
     /// Panics unless the reply has exactly this code and enhanced status code.
     #[track_caller]
     pub fn assert(&self, code: u16, enhanced: &str) {
@@ -325,7 +331,11 @@ impl SmtpClient {
     }
 
     /// Runs the TLS handshake on the plain connection, discarding any buffered plaintext.
-    pub async fn upgrade_tls(&mut self, ca_pem: &str, server_name: &str) -> Result<(), ClientError> {
+    pub async fn upgrade_tls(
+        &mut self,
+        ca_pem: &str,
+        server_name: &str,
+    ) -> Result<(), ClientError> {
         self.buf.clear();
         let Some(Stream::Plain(tcp)) = self.stream.take() else {
             return Err(ClientError::TlsSetup("not a plain connection".into()));
@@ -337,7 +347,8 @@ impl SmtpClient {
 
     /// AUTH PLAIN with an initial response; returns the final reply.
     pub async fn auth_plain(&mut self, user: &str, password: &str) -> Result<Reply, ClientError> {
-        let token = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"));
+        let token =
+            base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"));
         self.cmd(&format!("AUTH PLAIN {token}")).await
     }
 
@@ -446,6 +457,9 @@ pub fn queue_id_of(reply: &Reply) -> Option<String> {
         return None;
     }
     let id = reply.text.strip_prefix("2.0.0 Ok ")?;
-    (id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
-        .then(|| id.to_string())
+    (id.len() == 32
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
+    .then(|| id.to_string())
 }

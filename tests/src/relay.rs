@@ -388,7 +388,8 @@ impl Relay {
         text.lines()
             .filter(|l| !l.trim().is_empty())
             .map(|l| {
-                serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line {l:?} is not JSON: {e}"))
+                serde_json::from_str(l)
+                    .unwrap_or_else(|e| panic!("audit line {l:?} is not JSON: {e}"))
             })
             .collect()
     }
@@ -462,7 +463,9 @@ impl Relay {
 
     /// Sends SIGTERM and waits (bounded) for the exit status.
     pub fn sigterm(&mut self) -> ExitStatus {
-        let pid = self.pid().unwrap_or_else(|| panic!("the relay is not running"));
+        let pid = self
+            .pid()
+            .unwrap_or_else(|| panic!("the relay is not running"));
         let status = Command::new("kill")
             .arg("-TERM")
             .arg(pid.to_string())
@@ -481,7 +484,10 @@ impl Relay {
             }
             if Instant::now() > deadline {
                 self.kill_now();
-                panic!("sealpost did not exit within 40s of SIGTERM:\n{}", self.log_tail(30));
+                panic!(
+                    "sealpost did not exit within 40s of SIGTERM:\n{}",
+                    self.log_tail(30)
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
