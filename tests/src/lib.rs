@@ -4,6 +4,7 @@
 pub mod binary;
 pub mod certs;
 pub mod client;
+pub mod postfix;
 pub mod relay;
 
 pub use binary::{hash_password, run_sealpost, sealpost_bin};
