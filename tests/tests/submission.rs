@@ -946,3 +946,69 @@ async fn phi_never_in_logs_audit_or_state_files() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Harness self-checks and durability across restarts.
+
+/// The clients used above really verify the relay: another CA or another name fails.
+#[tokio::test]
+async fn clients_verify_the_relay_certificate() {
+    let relay = Relay::start(RelayConfig::default());
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = TestCa::new(other_dir.path());
+
+    let wrong_ca = SmtpClient::connect_tls(relay.implicit, other.root_pem(), RELAY_HOSTNAME).await;
+    assert!(
+        wrong_ca.is_err(),
+        "handshake succeeded with an untrusted CA"
+    );
+    let wrong_name = SmtpClient::connect_tls(relay.implicit, relay.ca_pem(), "other.test").await;
+    assert!(
+        wrong_name.is_err(),
+        "handshake succeeded for the wrong name"
+    );
+
+    let port = relay.starttls.port().to_string();
+    let out = swaks(&[
+        "--server",
+        "127.0.0.1",
+        "--port",
+        &port,
+        "--tls",
+        "--tls-verify",
+        "--tls-ca-path",
+        &other.root_pem_path().to_string_lossy(),
+        "--quit-after",
+        "TLS",
+        "--timeout",
+        "15",
+    ]);
+    assert!(
+        !out.status.success(),
+        "swaks --tls-verify accepted a certificate from an untrusted CA"
+    );
+}
+
+/// A 250 means the message is on disk: it survives SIGKILL right after the reply.
+#[tokio::test]
+async fn accepted_message_survives_sigkill_and_restart() {
+    let mut relay = Relay::start(RelayConfig::default());
+    let mut c = authed(&relay).await;
+    let id = assert_queued(&c.submit(FROM, &[TO], &simple()).await.unwrap());
+    relay.sigkill();
+    drop(c);
+    relay.restart();
+    assert_eq!(relay.queue_ids(), vec![id.clone()]);
+
+    // A clean stop exits 0 and keeps the queue too.
+    let status = relay.sigterm();
+    assert!(status.success(), "SIGTERM exit status {status}");
+    relay.restart();
+    assert_eq!(relay.queue_ids(), vec![id]);
+    let events: Vec<String> = relay
+        .audit_lines()
+        .iter()
+        .filter_map(|r| r["event"].as_str().map(str::to_string))
+        .collect();
+    assert!(events.iter().any(|e| e == "accepted"), "{events:?}");
+}
