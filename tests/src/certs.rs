@@ -308,4 +308,66 @@ mod tests {
         assert!(ca.root_pem().contains("BEGIN CERTIFICATE"));
         assert!(!ca.root_der().is_empty());
     }
+
+    /// What rustls' WebPKI verifier says about a written chain for `name`.
+    fn verify(ca: &TestCa, files: &CertFiles, name: &str) -> Result<(), rustls::Error> {
+        use rustls::client::danger::ServerCertVerifier;
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from(ca.root_der().to_vec()))
+            .unwrap();
+        let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let verifier =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(roots.into(), provider)
+                .build()
+                .unwrap();
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.chain_pem)
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(chain[0].as_ref(), files.leaf_der.as_slice());
+        let name = ServerName::try_from(name.to_string()).unwrap();
+        verifier
+            .verify_server_cert(&chain[0], &chain[1..], &name, &[], UnixTime::now())
+            .map(|_| ())
+    }
+
+    #[test]
+    fn validity_names_and_self_signed_are_what_a_verifier_sees() {
+        use rustls::{CertificateError, Error};
+        let dir = tempfile::tempdir().unwrap();
+        let ca = TestCa::with_intermediate(dir.path());
+        let good = ca.issue("good", &LeafSpec::new(&["mx.example", "127.0.0.1"]));
+        verify(&ca, &good, "mx.example").unwrap();
+        verify(&ca, &good, "127.0.0.1").unwrap();
+        assert!(matches!(
+            verify(&ca, &good, "other.example"),
+            Err(Error::InvalidCertificate(
+                CertificateError::NotValidForNameContext { .. }
+            ))
+        ));
+        let expired = ca.leaf(&LeafSpec::new(&["mx.example"]).validity(Validity::Expired));
+        assert!(matches!(
+            verify(&ca, &expired, "mx.example"),
+            Err(Error::InvalidCertificate(
+                CertificateError::ExpiredContext { .. }
+            ))
+        ));
+        let early = ca.leaf(&LeafSpec::new(&["mx.example"]).validity(Validity::NotYetValid));
+        assert!(matches!(
+            verify(&ca, &early, "mx.example"),
+            Err(Error::InvalidCertificate(
+                CertificateError::NotValidYetContext { .. }
+            ))
+        ));
+        let selfsigned = ca.self_signed("self", &LeafSpec::new(&["mx.example"]));
+        assert_eq!(
+            verify(&ca, &selfsigned, "mx.example"),
+            Err(Error::InvalidCertificate(CertificateError::UnknownIssuer))
+        );
+        let rsa = ca.leaf(&LeafSpec::new(&["mx.example"]).key(KeyKind::Rsa2048));
+        verify(&ca, &rsa, "mx.example").unwrap();
+    }
 }
