@@ -1,0 +1,758 @@
+//! The queue manager: leases due messages, delivers each recipient domain under its policy,
+//! reports outcomes to the queue and the audit log, and applies the fallback chain.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use sealpost_audit::{AuditLog, Event, Record};
+use sealpost_config::{Config, FallbackStep, Policy};
+use sealpost_policy::{Evidence, PolicySpec, TlsRequirement, TrustStore};
+use sealpost_queue::{Lease, LeasedRecipient, Outcome, Queue, QueueId};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::client::{
+    open, ClientSettings, OpenError, RcptResult, Session, Transaction, TxnRecipient,
+};
+use crate::dns::{HostAddrs, MxAnswer, MxResolver};
+use crate::error::DeliveryError;
+use crate::fallback::{decide, step_name, FallbackAction};
+use crate::pool::{Pool, PoolKey};
+
+/// How long a verified session may sit idle before it is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest sleep of the scheduler when nothing is due.
+const MAX_SLEEP: Duration = Duration::from_secs(30);
+
+/// A policy resolved from the configuration: what TLS it requires and its fallback chain.
+#[derive(Debug, Clone)]
+pub struct ResolvedPolicy {
+    /// The TLS requirement and pins.
+    pub spec: PolicySpec,
+    /// The `on_failure` chain.
+    pub on_failure: Vec<FallbackStep>,
+}
+
+/// The delivery engine; start it with [`Engine::run`].
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    queue: Queue,
+    audit: AuditLog,
+    resolver: MxResolver,
+    trust: TrustStore,
+    settings: ClientSettings,
+    pool: Pool,
+    hostname: String,
+    listeners: Vec<SocketAddr>,
+    retry: Vec<Duration>,
+    policies: HashMap<String, ResolvedPolicy>,
+    domains: HashMap<String, String>,
+    max_messages: usize,
+}
+
+/// Builds the policy table from `[policies]` (plus the built-in `phi` if not configured).
+pub fn resolve_policies(config: &Config) -> Result<HashMap<String, ResolvedPolicy>, DeliveryError> {
+    let mut out = HashMap::new();
+    let builtin = Policy::phi_default();
+    let configured = config.policies.iter().map(|(n, p)| (n.as_str(), p));
+    let all = std::iter::once(("phi", &builtin)).chain(configured);
+    for (name, policy) in all {
+        let requirement = match policy.tls {
+            sealpost_config::TlsRequirement::Verified => TlsRequirement::Verified,
+            sealpost_config::TlsRequirement::Encrypted => TlsRequirement::Encrypted,
+        };
+        let mut spec = PolicySpec::new(name, requirement);
+        for pin in &policy.pins {
+            let clean: String = pin.chars().filter(|c| *c != ':').collect();
+            let bytes = hex::decode(&clean)
+                .ok()
+                .and_then(|b| <[u8; 32]>::try_from(b).ok());
+            let Some(bytes) = bytes else {
+                return Err(DeliveryError::BadPin {
+                    policy: name.to_owned(),
+                    pin: pin.clone(),
+                });
+            };
+            spec.pins.push(bytes);
+        }
+        out.insert(
+            name.to_owned(),
+            ResolvedPolicy {
+                spec,
+                on_failure: policy.on_failure.clone(),
+            },
+        );
+    }
+    Ok(out)
+}
+
+impl Engine {
+    /// An engine for `config`, delivering from `queue` and auditing to `audit`.
+    pub fn new(config: &Config, queue: Queue, audit: AuditLog) -> Result<Engine, DeliveryError> {
+        let trust = TrustStore::new(&config.delivery.trust_anchors)?;
+        let resolver = MxResolver::new(&config.dns.nameservers, config.dns.timeout.0)?;
+        let settings = ClientSettings::new(
+            config.server.hostname.clone(),
+            config.delivery.port,
+            config.delivery.connect_timeout.0,
+        );
+        let max = config.delivery.max_connections.max(1);
+        let inner = Inner {
+            queue,
+            audit,
+            resolver,
+            trust,
+            settings,
+            pool: Pool::new(
+                max,
+                config.delivery.max_connections_per_domain,
+                IDLE_TIMEOUT,
+            ),
+            hostname: config.server.hostname.to_ascii_lowercase(),
+            listeners: config.listeners.iter().map(|l| l.address).collect(),
+            retry: config.queue.retry.iter().map(|d| d.0).collect(),
+            policies: resolve_policies(config)?,
+            domains: config
+                .domains
+                .iter()
+                .map(|(d, o)| {
+                    (
+                        d.trim_end_matches('.').to_ascii_lowercase(),
+                        o.policy.clone(),
+                    )
+                })
+                .collect(),
+            max_messages: max.saturating_mul(2),
+        };
+        Ok(Engine {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// The same engine with other client settings (tests shorten the RFC 5321 timeouts).
+    /// Call before [`Engine::run`].
+    pub fn with_settings(self, settings: ClientSettings) -> Engine {
+        match Arc::try_unwrap(self.inner) {
+            Ok(mut inner) => {
+                inner.settings = settings;
+                Engine {
+                    inner: Arc::new(inner),
+                }
+            }
+            Err(inner) => Engine { inner },
+        }
+    }
+
+    /// Delivers due messages until `shutdown` turns true, then finishes deliveries in flight
+    /// and closes idle connections.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let inner = self.inner;
+        let notify = inner.queue.notify();
+        let slots = Arc::new(Semaphore::new(inner.max_messages));
+        let mut tasks: JoinSet<()> = JoinSet::new();
+        tracing::info!("delivery engine started");
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            while tasks.try_join_next().is_some() {}
+            let free = slots.available_permits();
+            let mut leased = 0;
+            if free > 0 {
+                match inner.queue.lease_due(SystemTime::now(), free).await {
+                    Ok(leases) => {
+                        for lease in leases {
+                            let Ok(permit) = slots.clone().acquire_owned().await else {
+                                break;
+                            };
+                            leased += 1;
+                            let inner = inner.clone();
+                            tasks.spawn(async move {
+                                inner.deliver_message(lease).await;
+                                drop(permit);
+                            });
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot lease due messages"),
+                }
+            }
+            if leased > 0 {
+                continue;
+            }
+            for session in inner.pool.drain(false) {
+                session.quit().await;
+            }
+            let wait = if free == 0 {
+                MAX_SLEEP
+            } else {
+                match inner.queue.next_due().await {
+                    Ok(Some(due)) => due
+                        .duration_since(SystemTime::now())
+                        .unwrap_or(Duration::ZERO)
+                        .clamp(Duration::from_millis(20), MAX_SLEEP),
+                    Ok(None) => MAX_SLEEP,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot read the next due time");
+                        Duration::from_secs(5)
+                    }
+                }
+            };
+            tokio::select! {
+                _ = notify.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => {}
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            }
+        }
+        tracing::info!(
+            in_flight = tasks.len(),
+            "delivery engine stopping; finishing deliveries in flight"
+        );
+        while tasks.join_next().await.is_some() {}
+        for session in inner.pool.drain(true) {
+            session.quit().await;
+        }
+        tracing::info!("delivery engine stopped");
+    }
+}
+
+/// A recipient's domain in lower case, or `None` for an address without one.
+fn domain_of(address: &str) -> Option<String> {
+    let (_, domain) = address.rsplit_once('@')?;
+    let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+    (!domain.is_empty()).then_some(domain)
+}
+
+fn evidence_json(evidence: &Evidence) -> serde_json::Value {
+    serde_json::to_value(evidence).unwrap_or(serde_json::Value::Null)
+}
+
+impl Inner {
+    async fn audit(&self, rec: Record) {
+        if let Err(e) = self.audit.record(rec).await {
+            tracing::error!(error = %e, "AUDIT LOG WRITE FAILED");
+        }
+    }
+
+    fn policy_for(&self, domain: &str, message_policy: &str) -> ResolvedPolicy {
+        let name = self
+            .domains
+            .get(domain)
+            .map(String::as_str)
+            .unwrap_or(message_policy);
+        match self.policies.get(name).or_else(|| self.policies.get("phi")) {
+            Some(p) => p.clone(),
+            None => ResolvedPolicy {
+                spec: PolicySpec::new("phi", TlsRequirement::Verified),
+                on_failure: Policy::phi_default().on_failure,
+            },
+        }
+    }
+
+    /// The retry interval after a recipient's `attempts` earlier attempts.
+    fn retry_in(&self, attempts: u32) -> Duration {
+        let index = usize::try_from(attempts).unwrap_or(usize::MAX);
+        self.retry
+            .get(index)
+            .or(self.retry.last())
+            .copied()
+            .unwrap_or(Duration::from_secs(300))
+    }
+
+    /// Whether `ip` on the delivery port is one of our own listeners.
+    fn is_self(&self, ip: IpAddr) -> bool {
+        let target = SocketAddr::new(ip, self.settings.port);
+        self.listeners.iter().any(|l| {
+            *l == target
+                || (l.ip().is_unspecified() && l.port() == target.port() && ip.is_loopback())
+        })
+    }
+
+    async fn deliver_message(self: Arc<Self>, lease: Lease) {
+        let id = lease.id;
+        let now = SystemTime::now();
+        if self.queue.expired(&lease, now) {
+            let mut results = Vec::new();
+            for r in &lease.recipients {
+                let last = r.last_error.clone().unwrap_or_else(|| "none".to_owned());
+                let reason = format!(
+                    "5.4.7 expired: not delivered within the queue lifetime of {}; last error: {last}",
+                    sealpost_config::format_duration(self.queue.lifetime())
+                );
+                self.audit(
+                    Record::new(Event::Expired)
+                        .queue_id(id.to_string())
+                        .recipient(r.address.clone())
+                        .detail("reason", reason.clone())
+                        .detail("attempts", r.attempts),
+                )
+                .await;
+                results.push((r.index, Outcome::Failed { reason }));
+            }
+            tracing::warn!(queue_id = %id, recipients = results.len(), "message expired");
+            self.complete(id, results).await;
+            return;
+        }
+        let body = match self.queue.body(id).await {
+            Ok(b) => Arc::new(b),
+            Err(e) => {
+                tracing::error!(queue_id = %id, error = %e, "cannot read message body; deferring");
+                let results = lease
+                    .recipients
+                    .iter()
+                    .map(|r| {
+                        let reason = format!("4.3.0 cannot read the queued message: {e}");
+                        (r.index, Outcome::Deferred { reason })
+                    })
+                    .collect();
+                self.complete(id, results).await;
+                return;
+            }
+        };
+        let lease = Arc::new(lease);
+        let mut by_domain: BTreeMap<String, Vec<LeasedRecipient>> = BTreeMap::new();
+        let mut results = Vec::new();
+        for r in &lease.recipients {
+            match domain_of(&r.address) {
+                Some(d) => by_domain.entry(d).or_default().push(r.clone()),
+                None => {
+                    let reason = "5.1.3 recipient address has no domain".to_owned();
+                    self.audit(
+                        Record::new(Event::Bounced)
+                            .queue_id(id.to_string())
+                            .recipient(r.address.clone())
+                            .detail("reason", reason.clone())
+                            .detail("dsn", "not_generated"),
+                    )
+                    .await;
+                    results.push((r.index, Outcome::Failed { reason }));
+                }
+            }
+        }
+        let mut domains = JoinSet::new();
+        for (domain, recipients) in by_domain {
+            let (inner, lease, body) = (self.clone(), lease.clone(), body.clone());
+            domains.spawn(async move {
+                inner
+                    .deliver_domain(&lease, &domain, recipients, &body)
+                    .await
+            });
+        }
+        while let Some(joined) = domains.join_next().await {
+            match joined {
+                Ok(r) => results.extend(r),
+                Err(e) => {
+                    tracing::error!(queue_id = %id, error = %e, "a domain delivery task failed; its recipients return to the queue when the lease ends")
+                }
+            }
+        }
+        self.complete(id, results).await;
+    }
+
+    async fn complete(&self, id: QueueId, results: Vec<(usize, Outcome)>) {
+        if let Err(e) = self.queue.complete(id, results).await {
+            tracing::error!(queue_id = %id, error = %e, "CANNOT RECORD DELIVERY OUTCOMES; the recipients become due again when the lease ends");
+        }
+    }
+
+    async fn deliver_domain(
+        &self,
+        lease: &Lease,
+        domain: &str,
+        recipients: Vec<LeasedRecipient>,
+        body: &[u8],
+    ) -> Vec<(usize, Outcome)> {
+        let policy = self.policy_for(domain, &lease.envelope.policy);
+        let Some(_permits) = self.pool.permits(domain).await else {
+            return self
+                .all_deferred(
+                    lease,
+                    &recipients,
+                    "4.3.0 delivery is shutting down".to_owned(),
+                )
+                .await;
+        };
+        match self.resolver.mx(domain).await {
+            MxAnswer::NullMx => {
+                let reason =
+                    format!("5.1.10 {domain} publishes a null MX (RFC 7505): it accepts no mail");
+                self.all_failed(lease, &recipients, reason).await
+            }
+            MxAnswer::NoSuchDomain(why) => {
+                let reason = format!("5.1.2 recipient domain {domain} not found ({why})");
+                self.all_failed(lease, &recipients, reason).await
+            }
+            MxAnswer::Temporary(why) => {
+                let reason = format!("4.4.3 DNS lookup failed temporarily: {why}");
+                self.all_deferred(lease, &recipients, reason).await
+            }
+            MxAnswer::Hosts(hosts) => {
+                let mut failures = Vec::new();
+                let mut looped = Vec::new();
+                for host in hosts {
+                    if host.name == self.hostname {
+                        looped.push(host.name.clone());
+                        self.report_loop(lease, &host.name, None).await;
+                        continue;
+                    }
+                    let ips = match self.resolver.addresses(&host.name).await {
+                        HostAddrs::Found(ips) => ips,
+                        HostAddrs::None(why) | HostAddrs::Temporary(why) => {
+                            self.audit(
+                                Record::new(Event::Attempt)
+                                    .queue_id(lease.id.to_string())
+                                    .mx(host.name.clone())
+                                    .detail("policy", policy.spec.name.clone())
+                                    .detail("error", why.clone()),
+                            )
+                            .await;
+                            failures.push(why);
+                            continue;
+                        }
+                    };
+                    for ip in ips {
+                        if self.is_self(ip) {
+                            looped.push(format!("{} [{ip}]", host.name));
+                            self.report_loop(lease, &host.name, Some(ip)).await;
+                            continue;
+                        }
+                        match self.session(lease, &policy, &host.name, ip).await {
+                            Ok(session) => {
+                                return self
+                                    .transact(lease, &policy, session, &recipients, body)
+                                    .await;
+                            }
+                            Err(why) => failures.push(why),
+                        }
+                    }
+                }
+                if failures.is_empty() && !looped.is_empty() {
+                    let reason = format!(
+                        "4.4.6 mail loop: the MX for {domain} is this relay ({})",
+                        looped.join(", ")
+                    );
+                    return self.all_deferred(lease, &recipients, reason).await;
+                }
+                self.fallback(lease, &policy, &recipients, failures.join("; "))
+                    .await
+            }
+        }
+    }
+
+    async fn report_loop(&self, lease: &Lease, mx: &str, ip: Option<IpAddr>) {
+        tracing::error!(queue_id = %lease.id, mx, ip = ?ip, "MAIL LOOP: the MX is this relay itself; not connecting");
+        let mut rec = Record::new(Event::Attempt)
+            .queue_id(lease.id.to_string())
+            .mx(mx.to_owned())
+            .detail("error", "mail loop: the MX is this relay");
+        if let Some(ip) = ip {
+            rec = rec.ip(ip);
+        }
+        self.audit(rec).await;
+    }
+
+    /// A session to `mx` at `ip` that passed the policy (reused or new); audits the attempt.
+    /// `Err` is a one-line summary of why this address failed.
+    async fn session(
+        &self,
+        lease: &Lease,
+        policy: &ResolvedPolicy,
+        mx: &str,
+        ip: IpAddr,
+    ) -> Result<(Session, PoolKey), String> {
+        let key = PoolKey {
+            mx: mx.to_owned(),
+            ip,
+            policy: policy.spec.name.clone(),
+        };
+        while let Some(mut session) = self.pool.take(&key) {
+            if session.reset().await {
+                tracing::debug!(queue_id = %lease.id, mx, transactions = session.transactions(), "reusing verified connection");
+                self.audit(
+                    Record::new(Event::Attempt)
+                        .queue_id(lease.id.to_string())
+                        .mx(mx.to_owned())
+                        .ip(ip)
+                        .tls(evidence_json(session.evidence()))
+                        .detail("reused", true),
+                )
+                .await;
+                return Ok((session, key));
+            }
+        }
+        match open(&self.settings, &self.trust, &policy.spec, mx, ip).await {
+            Ok(session) => {
+                self.audit(
+                    Record::new(Event::Attempt)
+                        .queue_id(lease.id.to_string())
+                        .mx(mx.to_owned())
+                        .ip(ip)
+                        .tls(evidence_json(session.evidence())),
+                )
+                .await;
+                Ok((session, key))
+            }
+            Err(OpenError::Rejected(evidence)) => {
+                tracing::warn!(queue_id = %lease.id, mx, %ip, verdict = %evidence.reason, detail = evidence.detail.as_deref().unwrap_or(""), "MX did not pass the policy");
+                let summary = format!(
+                    "{mx} [{ip}]: {}{}",
+                    evidence.reason,
+                    evidence
+                        .detail
+                        .as_deref()
+                        .map(|d| format!(" ({d})"))
+                        .unwrap_or_default()
+                );
+                self.audit(
+                    Record::new(Event::Attempt)
+                        .queue_id(lease.id.to_string())
+                        .mx(mx.to_owned())
+                        .ip(ip)
+                        .tls(evidence_json(&evidence)),
+                )
+                .await;
+                Err(summary)
+            }
+            Err(OpenError::Session { evidence, detail }) => {
+                tracing::warn!(queue_id = %lease.id, mx, %ip, detail, "session failed after a verified handshake");
+                self.audit(
+                    Record::new(Event::Attempt)
+                        .queue_id(lease.id.to_string())
+                        .mx(mx.to_owned())
+                        .ip(ip)
+                        .tls(evidence_json(&evidence))
+                        .detail("error", detail.clone()),
+                )
+                .await;
+                Err(format!("{mx} [{ip}]: {detail}"))
+            }
+        }
+    }
+
+    async fn transact(
+        &self,
+        lease: &Lease,
+        policy: &ResolvedPolicy,
+        (mut session, key): (Session, PoolKey),
+        recipients: &[LeasedRecipient],
+        body: &[u8],
+    ) -> Vec<(usize, Outcome)> {
+        let env = &lease.envelope;
+        let rcpts: Vec<TxnRecipient> = recipients
+            .iter()
+            .map(|r| TxnRecipient {
+                address: r.address.clone(),
+                notify: r.notify.clone(),
+                orcpt: r.orcpt.clone(),
+            })
+            .collect();
+        let txn = Transaction {
+            sender: &env.sender,
+            recipients: &rcpts,
+            body,
+            eight_bit: env.eight_bit,
+            smtputf8: env.smtputf8,
+            ret: env.ret.as_deref(),
+            envid: env.envid.as_deref(),
+        };
+        let mx = session.mx().to_owned();
+        let ip = session.ip();
+        let remote = format!("{mx} [{ip}]");
+        match session.send(&txn).await {
+            Ok(results) => {
+                self.pool.put(key, session);
+                let mut out = Vec::new();
+                for (r, result) in recipients.iter().zip(results) {
+                    let base = Record::new(Event::Delivered)
+                        .queue_id(lease.id.to_string())
+                        .recipient(r.address.clone())
+                        .mx(mx.clone())
+                        .ip(ip)
+                        .detail("policy", policy.spec.name.clone());
+                    let (rec, outcome) = match result {
+                        RcptResult::Delivered(reply) => (
+                            base.detail("reply", reply),
+                            Outcome::Delivered {
+                                remote: remote.clone(),
+                            },
+                        ),
+                        RcptResult::Deferred(reason) => {
+                            let mut rec = base.detail("reason", reason.clone());
+                            rec.event = Event::Deferred;
+                            (rec, Outcome::Deferred { reason })
+                        }
+                        RcptResult::Failed(reason) => {
+                            let mut rec = base
+                                .detail("reason", reason.clone())
+                                .detail("dsn", "not_generated");
+                            rec.event = Event::Bounced;
+                            (rec, Outcome::Failed { reason })
+                        }
+                    };
+                    self.audit(rec).await;
+                    out.push((r.index, outcome));
+                }
+                tracing::info!(queue_id = %lease.id, mx, recipients = out.len(), "transaction finished");
+                out
+            }
+            Err(e) => {
+                tracing::warn!(queue_id = %lease.id, mx, error = %e, "session failed during the transaction");
+                let reason = format!("4.4.2 {remote}: {e}");
+                self.all_deferred(lease, recipients, reason).await
+            }
+        }
+    }
+
+    async fn fallback(
+        &self,
+        lease: &Lease,
+        policy: &ResolvedPolicy,
+        recipients: &[LeasedRecipient],
+        failures: String,
+    ) -> Vec<(usize, Outcome)> {
+        let now = SystemTime::now();
+        let mut out = Vec::new();
+        for r in recipients {
+            let retry_in = self.retry_in(r.attempts);
+            let base = Record::new(Event::Diverted)
+                .queue_id(lease.id.to_string())
+                .recipient(r.address.clone())
+                .detail("policy", policy.spec.name.clone())
+                .detail("failures", failures.clone());
+            let (rec, outcome) = match decide(&policy.on_failure, lease.arrival, now, retry_in) {
+                FallbackAction::Hold {
+                    step,
+                    retry_at,
+                    ends,
+                } => {
+                    let name = policy
+                        .on_failure
+                        .get(step)
+                        .map(step_name)
+                        .unwrap_or_default();
+                    let reason = format!(
+                        "4.7.5 no MX passed policy {}: {failures}; held ({name}), retrying the secure path",
+                        policy.spec.name
+                    );
+                    let rec = base
+                        .detail("step", name)
+                        .detail(
+                            "hold_ends",
+                            chrono::DateTime::<chrono::Utc>::from(ends).to_rfc3339(),
+                        )
+                        .detail(
+                            "retry_at",
+                            chrono::DateTime::<chrono::Utc>::from(retry_at).to_rfc3339(),
+                        );
+                    let step = u32::try_from(step).unwrap_or(u32::MAX);
+                    (
+                        rec,
+                        Outcome::Held {
+                            until: retry_at,
+                            step,
+                            reason,
+                        },
+                    )
+                }
+                FallbackAction::Unavailable { name, .. } => {
+                    let reason = format!(
+                        "4.7.5 no MX passed policy {}: {failures}; fallback step `{name}` is not available in this version, so the recipient stays queued and the secure path is retried",
+                        policy.spec.name
+                    );
+                    let mut rec = base.detail("step", name).detail("reason", reason.clone());
+                    rec.event = Event::Deferred;
+                    (rec, Outcome::Deferred { reason })
+                }
+                FallbackAction::Exhausted => {
+                    let reason = format!(
+                        "4.7.5 no MX passed policy {}: {failures}; fallback chain used up, retrying the secure path",
+                        policy.spec.name
+                    );
+                    let mut rec = base.detail("reason", reason.clone());
+                    rec.event = Event::Deferred;
+                    (rec, Outcome::Deferred { reason })
+                }
+            };
+            self.audit(rec).await;
+            out.push((r.index, outcome));
+        }
+        tracing::warn!(queue_id = %lease.id, recipients = out.len(), policy = %policy.spec.name, "no MX passed the policy; fallback applied");
+        out
+    }
+
+    async fn all_deferred(
+        &self,
+        lease: &Lease,
+        recipients: &[LeasedRecipient],
+        reason: String,
+    ) -> Vec<(usize, Outcome)> {
+        let mut out = Vec::new();
+        for r in recipients {
+            self.audit(
+                Record::new(Event::Deferred)
+                    .queue_id(lease.id.to_string())
+                    .recipient(r.address.clone())
+                    .detail("reason", reason.clone()),
+            )
+            .await;
+            out.push((
+                r.index,
+                Outcome::Deferred {
+                    reason: reason.clone(),
+                },
+            ));
+        }
+        out
+    }
+
+    async fn all_failed(
+        &self,
+        lease: &Lease,
+        recipients: &[LeasedRecipient],
+        reason: String,
+    ) -> Vec<(usize, Outcome)> {
+        let mut out = Vec::new();
+        for r in recipients {
+            self.audit(
+                Record::new(Event::Bounced)
+                    .queue_id(lease.id.to_string())
+                    .recipient(r.address.clone())
+                    .detail("reason", reason.clone())
+                    .detail("dsn", "not_generated"),
+            )
+            .await;
+            out.push((
+                r.index,
+                Outcome::Failed {
+                    reason: reason.clone(),
+                },
+            ));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn domains_are_lower_case_without_trailing_dot() {
+        assert_eq!(domain_of("a@Example.ORG."), Some("example.org".to_owned()));
+        assert_eq!(domain_of("\"x@y\"@b.test"), Some("b.test".to_owned()));
+        assert_eq!(domain_of("nodomain"), None);
+        assert_eq!(domain_of("a@"), None);
+    }
+}
