@@ -159,8 +159,9 @@ impl Config {
 fn describe_figment_error(e: figment::Error) -> String {
     // figment's Display already names the key path and the source ("in file X" / "`SEALPOST_` env");
     // one error per line when there are several.
+    // figment prefixes keys with its profile name ("default."); our keys have no profiles.
     e.into_iter()
-        .map(|err| err.to_string())
+        .map(|err| err.to_string().replace("key \"default.", "key \""))
         .collect::<Vec<_>>()
         .join("; ")
 }

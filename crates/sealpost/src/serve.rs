@@ -92,12 +92,14 @@ pub async fn run(source: ConfigSource) -> Result<()> {
     let rt = runtime(config.clone())?;
     let bound = sealpost_submission::bind(&config).await?;
     let (rt_tx, rt_rx) = watch::channel(Arc::new(rt));
+    let (stop_tx, stop_rx) = watch::channel(false);
     let shared = Arc::new(Shared {
         runtime: rt_rx,
         queue: queue.clone(),
         audit: audit.clone(),
         connections: Arc::default(),
         rates: Default::default(),
+        stopping: stop_rx.clone(),
     });
     let admin_task = {
         let (q, a, p) = (queue.clone(), audit.clone(), admin_path.clone());
@@ -124,12 +126,15 @@ pub async fn run(source: ConfigSource) -> Result<()> {
         }
         None => None,
     };
-    let (stop_tx, stop_rx) = watch::channel(false);
     let listeners = tokio::spawn(sealpost_submission::serve(
         bound,
         Arc::clone(&shared),
         stop_rx,
     ));
+    let engine = sealpost_delivery::Engine::new(&config, queue.clone(), audit.clone())
+        .context("starting the delivery engine")?;
+    let (delivery_stop_tx, delivery_stop_rx) = watch::channel(false);
+    let delivery = tokio::spawn(engine.run(delivery_stop_rx));
     audit
         .record(Record::new(Event::Started).detail("version", env!("CARGO_PKG_VERSION")))
         .await?;
@@ -163,6 +168,10 @@ pub async fn run(source: ConfigSource) -> Result<()> {
             open = shared.connections.open(),
             "sessions still open at shutdown; nothing they sent was acknowledged"
         );
+    }
+    let _ = delivery_stop_tx.send(true);
+    if tokio::time::timeout(DRAIN_TIMEOUT, delivery).await.is_err() {
+        tracing::warn!("deliveries still in flight at shutdown; their recipients stay queued and are retried after restart");
     }
     admin_task.abort();
     if let Some((gauges, server)) = metrics_task {

@@ -110,4 +110,6 @@ pub struct Shared {
     pub connections: Arc<Connections>,
     /// Per-user send-rate buckets.
     pub rates: SendRates,
+    /// Becomes true on shutdown: sessions finish their transaction, then say 421 and close.
+    pub stopping: watch::Receiver<bool>,
 }

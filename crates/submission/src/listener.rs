@@ -87,6 +87,22 @@ async fn accept_loop(b: Bound, shared: Arc<Shared>, mut shutdown: watch::Receive
     }
 }
 
+/// Keeps `sealpost_sessions_open` up to date for one session.
+struct SessionGauge;
+
+impl SessionGauge {
+    fn open() -> SessionGauge {
+        metrics::gauge!("sealpost_sessions_open").increment(1.0);
+        SessionGauge
+    }
+}
+
+impl Drop for SessionGauge {
+    fn drop(&mut self) {
+        metrics::gauge!("sealpost_sessions_open").decrement(1.0);
+    }
+}
+
 /// With no allow list only loopback clients are served; an explicit list replaces that default.
 fn allowed_plain(ip: IpAddr, allow: &[ipnet::IpNet]) -> bool {
     let ip = match ip {
@@ -172,6 +188,8 @@ async fn connection(
         policy,
         local,
     };
+    // Counted by a guard so that a session ending in a panic or a cancelled task is uncounted too.
+    let _gauge = SessionGauge::open();
     Session::new(Arc::clone(&shared), rt, info, peer, transport)
         .run()
         .await;

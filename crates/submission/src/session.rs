@@ -116,7 +116,20 @@ impl Session {
             if self.reader.buffered() == 0 && self.flush().await.is_err() {
                 return;
             }
-            let line = match self.reader.read_line(MAX_COMMAND_LINE).await {
+            let stop_now = self.txn.is_none() && *self.shared.stopping.borrow();
+            if stop_now {
+                return self.shutting_down().await;
+            }
+            let mut stopping = self.shared.stopping.clone();
+            let read = tokio::select! {
+                r = self.reader.read_line(MAX_COMMAND_LINE) => r,
+                // An idle session between transactions is closed at shutdown; one in the middle of
+                // a transaction may finish it (the check above catches it afterwards).
+                _ = async { stopping.wait_for(|s| *s).await.map(|_| ()) }, if self.txn.is_none() => {
+                    return self.shutting_down().await;
+                }
+            };
+            let line = match read {
                 Ok(line) => line,
                 Err(LineError::TooLong) => {
                     self.error(Reply::new(500, Some(S::LINE_TOO_LONG), "Line too long"));
@@ -160,6 +173,13 @@ impl Session {
                 return;
             }
         }
+    }
+
+    async fn shutting_down(&mut self) {
+        let text = format!("{} Service shutting down; try again later", self.hostname());
+        self.reply(Reply::new(421, Some(S::new(4, 3, 2)), &text));
+        let _ = self.flush().await;
+        let _ = self.reader.get_mut().shutdown().await;
     }
 
     fn error(&mut self, reply: Reply) {

@@ -1,0 +1,346 @@
+//! Black-box tests of operating the daemon (issue 6): SIGHUP reload, SIGTERM drain, systemd
+//! notifications, the metrics endpoint. The real `sealpost serve`, real sockets.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+
+use sealpost_tests::relay::free_port;
+use sealpost_tests::*;
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::os::unix::net::UnixDatagram;
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const FROM: &str = "billing@clinic.example";
+const TO: &str = "patient@example.net";
+
+async fn authed(relay: &Relay, user: &str, password: &str) -> SmtpClient {
+    let mut c = SmtpClient::connect(relay.starttls).await.unwrap();
+    c.greeting().await.unwrap();
+    c.ehlo("client.test").await.unwrap();
+    c.starttls(relay.ca_pem(), RELAY_HOSTNAME).await.unwrap();
+    c.ehlo("client.test").await.unwrap();
+    c.auth_plain(user, password)
+        .await
+        .unwrap()
+        .assert(235, "2.7.0");
+    c
+}
+
+fn signal(relay: &Relay, sig: &str) {
+    let pid = relay.pid().expect("relay runs");
+    let ok = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(ok.success(), "kill -{sig} {pid}");
+}
+
+/// Waits until an audit record satisfies `pred`; panics with the log tail after `timeout`.
+fn wait_audit(
+    relay: &Relay,
+    timeout: Duration,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = relay.audit_lines().into_iter().find(|v| pred(v)) {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no audit record {what}; log:\n{}",
+            relay.log_tail(30)
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).unwrap();
+    let status = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The value of an un-labelled (or exactly-labelled) sample in Prometheus text output.
+fn sample(metrics: &str, name: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            (key == name).then(|| value.parse().ok()).flatten()
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_a_good_config_and_refuses_a_bad_one_keeping_sessions() {
+    let relay = Relay::start(RelayConfig::default());
+    // A session open across the reload keeps working.
+    let mut old_session = authed(&relay, DEFAULT_USER, DEFAULT_PASSWORD).await;
+
+    let original = std::fs::read_to_string(relay.config_path()).unwrap();
+    let second = hash_password("second-app-password");
+    let good = format!(
+        "{original}\n[[users]]\nname = \"second-app\"\npassword_hash = \"{second}\"\nallowed_senders = [\"*\"]\n"
+    );
+    std::fs::write(relay.config_path(), &good).unwrap();
+    signal(&relay, "HUP");
+    wait_audit(&relay, Duration::from_secs(10), "config_reloaded ok", |v| {
+        v["event"] == "config_reloaded" && v["detail"]["result"] == "ok"
+    });
+    let mut c = authed(&relay, "second-app", "second-app-password").await;
+    let r = c
+        .submit(FROM, &[TO], &message(FROM, TO, "after reload", "x"))
+        .await
+        .unwrap();
+    assert!(queue_id_of(&r).is_some(), "new user after reload: {r}");
+    let r = old_session
+        .submit(FROM, &[TO], &message(FROM, TO, "old session", "x"))
+        .await
+        .unwrap();
+    assert!(
+        queue_id_of(&r).is_some(),
+        "session opened before the reload: {r}"
+    );
+
+    // A bad config is refused; the previous one stays in force.
+    std::fs::write(
+        relay.config_path(),
+        good.replace("[queue]\n", "[queue]\nlifetime = \"5 fortnights\"\n"),
+    )
+    .unwrap();
+    signal(&relay, "HUP");
+    let refused = wait_audit(
+        &relay,
+        Duration::from_secs(10),
+        "config_reloaded refused",
+        |v| v["event"] == "config_reloaded" && v["detail"]["result"] == "refused",
+    );
+    let err = refused["detail"]["error"].as_str().unwrap();
+    assert!(
+        err.contains("queue.lifetime"),
+        "the refusal names the key: {err}"
+    );
+    assert!(
+        relay.logs().contains("configuration reload refused"),
+        "{}",
+        relay.log_tail(20)
+    );
+    let mut c = authed(&relay, "second-app", "second-app-password").await;
+    let r = c
+        .submit(FROM, &[TO], &message(FROM, TO, "still running", "x"))
+        .await
+        .unwrap();
+    assert!(queue_id_of(&r).is_some(), "after a refused reload: {r}");
+    // The CLI reads the file too: put the good one back to ask the running relay.
+    std::fs::write(relay.config_path(), &good).unwrap();
+    assert_eq!(relay.message_count(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_exits_zero_and_loses_nothing_acknowledged() {
+    let mut relay = Relay::start(RelayConfig::default());
+    let acked = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let started = Arc::new(AtomicUsize::new(0));
+    let mut clients = Vec::new();
+    for i in 0..8 {
+        let (acked, started) = (Arc::clone(&acked), Arc::clone(&started));
+        let (addr, ca) = (relay.starttls, relay.ca_pem().to_string());
+        clients.push(tokio::spawn(async move {
+            let mut c = SmtpClient::connect(addr).await.unwrap();
+            c.greeting().await.unwrap();
+            c.ehlo("load.test").await.unwrap();
+            c.starttls(&ca, RELAY_HOSTNAME).await.unwrap();
+            c.ehlo("load.test").await.unwrap();
+            c.auth_plain(DEFAULT_USER, DEFAULT_PASSWORD)
+                .await
+                .unwrap()
+                .assert(235, "2.7.0");
+            started.fetch_add(1, Ordering::SeqCst);
+            let mut shut_down = false;
+            for n in 0..10_000 {
+                let body = format!("load message {i}/{n}\r\n").repeat(40);
+                match c
+                    .submit(FROM, &[TO], &message(FROM, TO, "load", &body))
+                    .await
+                {
+                    Ok(r) => match queue_id_of(&r) {
+                        Some(id) => acked.lock().unwrap().push(id),
+                        None => {
+                            // Only the shutdown reply may refuse a message here.
+                            assert_eq!(r.code, 421, "unexpected reply under load: {r}");
+                            assert_eq!(r.enhanced(), Some("4.3.2"), "{r}");
+                            shut_down = true;
+                            break;
+                        }
+                    },
+                    Err(_) => {
+                        shut_down = true;
+                        break;
+                    }
+                }
+            }
+            assert!(shut_down, "client {i} never saw the shutdown");
+        }));
+    }
+    // Let the load run, then stop the relay in the middle of it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while acked.lock().unwrap().len() < 40 {
+        assert!(
+            Instant::now() < deadline,
+            "load did not start:\n{}",
+            relay.log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let status = tokio::task::block_in_place(|| relay.sigterm());
+    assert!(
+        status.success(),
+        "exit status after SIGTERM: {status}\n{}",
+        relay.log_tail(20)
+    );
+    for c in clients {
+        c.await.unwrap();
+    }
+    let acked: Vec<String> = acked.lock().unwrap().clone();
+    tokio::task::block_in_place(|| relay.restart());
+    let queued = relay.queue_ids();
+    let lost: Vec<&String> = acked.iter().filter(|id| !queued.contains(id)).collect();
+    println!(
+        "acknowledged {} / queued after restart {} / lost {}",
+        acked.len(),
+        queued.len(),
+        lost.len()
+    );
+    assert!(
+        lost.is_empty(),
+        "acknowledged but not queued after SIGTERM: {lost:?}"
+    );
+    assert_eq!(
+        queued.len(),
+        acked.len(),
+        "nothing unacknowledged was queued"
+    );
+    let stopped = relay
+        .audit_lines()
+        .iter()
+        .filter(|v| v["event"] == "stopped")
+        .count();
+    assert_eq!(stopped, 1, "one `stopped` audit record");
+}
+
+#[test]
+fn systemd_notify_ready_watchdog_and_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut cfg = RelayConfig::default();
+    cfg.env
+        .push(("NOTIFY_SOCKET".into(), sock_path.display().to_string()));
+    cfg.env.push(("WATCHDOG_USEC".into(), "400000".into()));
+    let mut relay = Relay::start(cfg);
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(seen.iter().any(|m: &String| m.contains("READY=1"))
+        && seen.iter().any(|m| m.contains("WATCHDOG=1")))
+    {
+        assert!(Instant::now() < deadline, "notifications so far: {seen:?}");
+        let n = sock.recv(&mut buf).unwrap();
+        seen.push(String::from_utf8_lossy(&buf[..n]).to_string());
+    }
+    let ready = seen.iter().position(|m| m.contains("READY=1")).unwrap();
+    assert!(seen[ready].contains("STATUS="), "{seen:?}");
+    // READY comes only once the listeners accept (the harness waited for them) and the queue is open.
+    assert!(relay.message_count() == 0);
+    let status = relay.sigterm();
+    assert!(status.success());
+    let mut stopping = false;
+    sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    while let Ok(n) = sock.recv(&mut buf) {
+        if String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1") {
+            stopping = true;
+            break;
+        }
+    }
+    assert!(stopping, "no STOPPING=1 after SIGTERM");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_as_messages_flow() {
+    let http = free_port();
+    let cfg = RelayConfig {
+        extra_toml: format!("[admin]\nhttp = \"{http}\"\n"),
+        ..RelayConfig::default()
+    };
+    let relay = Relay::start(cfg);
+    let (status, body) = tokio::task::block_in_place(|| http_get(http, "/healthz"));
+    assert_eq!((status, body.trim()), (200, "ok"));
+    let (status, before) = tokio::task::block_in_place(|| http_get(http, "/metrics"));
+    assert_eq!(status, 200);
+    assert_eq!(
+        sample(&before, "sealpost_messages_accepted_total").unwrap_or(0.0),
+        0.0
+    );
+
+    let mut c = authed(&relay, DEFAULT_USER, DEFAULT_PASSWORD).await;
+    for i in 0..3 {
+        let r = c
+            .submit(
+                FROM,
+                &[TO, "second@example.net"],
+                &message(FROM, TO, "m", &format!("{i}")),
+            )
+            .await
+            .unwrap();
+        assert!(queue_id_of(&r).is_some(), "{r}");
+    }
+    let bad = c.auth_plain("nobody", "wrong").await.unwrap();
+    assert_eq!(bad.code, 503, "already authenticated: {bad}");
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, m) = tokio::task::block_in_place(|| http_get(http, "/metrics"));
+        let accepted = sample(&m, "sealpost_messages_accepted_total");
+        let rcpts = sample(&m, "sealpost_recipients_accepted_total");
+        let open = sample(&m, "sealpost_sessions_open");
+        let queued = sample(&m, "sealpost_queue_messages");
+        let latency = sample(&m, "sealpost_acceptance_seconds_count");
+        if accepted == Some(3.0)
+            && rcpts == Some(6.0)
+            && open == Some(1.0)
+            && queued == Some(3.0)
+            && latency == Some(3.0)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "metrics did not reach the expected values: accepted={accepted:?} rcpts={rcpts:?} open={open:?} queued={queued:?} latency_count={latency:?}\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    c.cmd("QUIT").await.unwrap();
+}
