@@ -472,7 +472,6 @@ async fn line_length_nul_and_non_ascii() {
 
 /// RFC 6531 §3.7.4.1: a non-ASCII recipient in a transaction without SMTPUTF8 gets 553 5.6.7.
 #[tokio::test]
-#[ignore = "known bug in crates/smtp: Command::parse refuses any non-ASCII RCPT line with 500 5.5.2 before looking at the address"]
 async fn non_ascii_recipient_without_smtputf8_gets_553() {
     let relay = Relay::start(RelayConfig::default());
     let mut c = authed(&relay).await;

@@ -577,7 +577,15 @@ impl Command {
             b"MAIL" => return parse_mail(args.unwrap_or_default()),
             b"RCPT" => {
                 if !opts.smtputf8 && !line.is_ascii() {
-                    return Err(CommandError::NonAscii);
+                    // 8-bit in the address is an address the session cannot take (553 5.6.7,
+                    // RFC 6531 §3.4); 8-bit elsewhere is a malformed command (500 5.5.2).
+                    let first_8bit = line.iter().position(|b| !b.is_ascii()).unwrap_or(line.len());
+                    let path_end = line.iter().position(|&b| b == b'>').unwrap_or(line.len());
+                    return Err(if first_8bit < path_end {
+                        CommandError::RcptAddress(AddressError::NonAscii)
+                    } else {
+                        CommandError::NonAscii
+                    });
                 }
                 return parse_rcpt(args.unwrap_or_default(), opts);
             }
@@ -950,6 +958,13 @@ mod tests {
         ));
         // RCPT depends on the transaction's MAIL.
         let e = parse("RCPT TO:<jörg@b.example>").unwrap_err();
+        assert_eq!(e, CommandError::RcptAddress(AddressError::NonAscii));
+        let r = e.reply();
+        assert_eq!(
+            (r.code, r.status),
+            (553, Some(EnhancedStatus::NON_ASCII_ADDRESS))
+        );
+        let e = parse("RCPT TO:<j@b.example> ORCPT=rfc822;jörg@b.example").unwrap_err();
         assert_eq!(e, CommandError::NonAscii);
         let r = e.reply();
         assert_eq!((r.code, r.status), (500, Some(EnhancedStatus::SYNTAX)));
