@@ -7,8 +7,23 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 /// 128-bit, time-ordered (48-bit ms timestamp + 80 random bits), Display/FromStr as 32 lowercase hex.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+///
+/// Serialised as its 32-hex text too: JSON readers would turn a raw u128 into an inexact float.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct QueueId(u128);
+
+impl Serialize for QueueId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for QueueId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
 
 /// Why a string is not a queue id.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -101,5 +116,14 @@ mod tests {
         assert!(now - b.timestamp_ms() < 5_000);
         let many: std::collections::HashSet<_> = (0..1000).map(|_| QueueId::generate()).collect();
         assert_eq!(many.len(), 1000);
+    }
+
+    #[test]
+    fn serialises_as_hex_text() {
+        let id = QueueId::generate();
+        let json = serde_json::to_string(&id).unwrap();
+        assert_eq!(json, format!("\"{id}\""));
+        assert_eq!(serde_json::from_str::<QueueId>(&json).unwrap(), id);
+        assert!(serde_json::from_str::<QueueId>("12").is_err());
     }
 }

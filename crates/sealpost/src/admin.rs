@@ -3,9 +3,7 @@
 
 use anyhow::{anyhow, Context, Result};
 use sealpost_audit::{AuditLog, Event, Record};
-use sealpost_queue::{
-    Envelope, MessageDetail, MessageSummary, Queue, QueueId, RecipientDetail, StateCounts,
-};
+use sealpost_queue::{Queue, QueueId};
 use serde::{Deserialize, Serialize};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -70,57 +68,6 @@ fn rfc3339(t: SystemTime) -> String {
         .unwrap_or_default()
 }
 
-/// JSON form of a `queue list` line: the id as its 32-hex text, as in `250 Ok <id>` (serde would
-/// write the raw u128, which JSON readers turn into an imprecise float).
-#[derive(Serialize)]
-struct SummaryJson<'a> {
-    id: String,
-    arrival: SystemTime,
-    size: u64,
-    sender: &'a str,
-    policy: &'a str,
-    recipients: &'a StateCounts,
-    next_attempt: Option<SystemTime>,
-}
-
-impl<'a> From<&'a MessageSummary> for SummaryJson<'a> {
-    fn from(m: &'a MessageSummary) -> Self {
-        SummaryJson {
-            id: m.id.to_string(),
-            arrival: m.arrival,
-            size: m.size,
-            sender: &m.sender,
-            policy: &m.policy,
-            recipients: &m.recipients,
-            next_attempt: m.next_attempt,
-        }
-    }
-}
-
-/// JSON form of `queue show`, with the id as text like [`SummaryJson`].
-#[derive(Serialize)]
-struct DetailJson<'a> {
-    id: String,
-    arrival: SystemTime,
-    size: u64,
-    envelope: &'a Envelope,
-    recipients: &'a [RecipientDetail],
-    next_attempt: Option<SystemTime>,
-}
-
-impl<'a> From<&'a MessageDetail> for DetailJson<'a> {
-    fn from(d: &'a MessageDetail) -> Self {
-        DetailJson {
-            id: d.id.to_string(),
-            arrival: d.arrival,
-            size: d.size,
-            envelope: &d.envelope,
-            recipients: &d.recipients,
-            next_attempt: d.next_attempt,
-        }
-    }
-}
-
 fn parse_id(req: &Request) -> Result<QueueId> {
     let text = req
         .id
@@ -136,7 +83,7 @@ pub async fn execute(queue: &Queue, audit: &AuditLog, req: &Request) -> Result<S
         Op::List => {
             let list = queue.list().await?;
             if req.json {
-                let view: Vec<SummaryJson<'_>> = list.iter().map(SummaryJson::from).collect();
+                let view = &list;
                 serde_json::to_string_pretty(&view)?
             } else if list.is_empty() {
                 "queue is empty".to_string()
@@ -167,7 +114,7 @@ pub async fn execute(queue: &Queue, audit: &AuditLog, req: &Request) -> Result<S
         Op::Show => {
             let d = queue.show(parse_id(req)?).await?;
             if req.json {
-                serde_json::to_string_pretty(&DetailJson::from(&d))?
+                serde_json::to_string_pretty(&d)?
             } else {
                 let mut s = format!(
                     "id:       {}\narrival:  {}\nsize:     {}\nsender:   <{}>\npolicy:   {}\nuser:     {}\n",
