@@ -4,7 +4,9 @@
 pub mod binary;
 pub mod certs;
 pub mod client;
+pub mod dns;
 pub mod postfix;
+pub mod receiver;
 pub mod relay;
 
 pub use binary::{hash_password, run_sealpost, sealpost_bin};
