@@ -481,6 +481,25 @@ async fn safe_receivers_get_the_message_byte_exact() {
         assert!(Instant::now() < deadline, "message {id} still queued");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // A second message to the same MX reuses the verified connection (RSET, no new handshake).
+    let (_, second_msg) = submit(&relay, &["other@ec13.test"], "Second message.\r\n").await;
+    let lines = wait_audit(&relay, 20, "second delivery", |lines| {
+        !events_for(lines, "delivered", "other@ec13.test").is_empty()
+    })
+    .await;
+    assert_eq!(r13.connections(), 1, "connection not reused");
+    let got = r13.received();
+    assert_eq!(got.len(), 2);
+    assert_byte_exact(&got[1].data, &second_msg);
+    assert!(
+        r13.commands().contains(&"RSET".to_string()),
+        "{:?}",
+        r13.commands()
+    );
+    let reused = attempts_for(&lines, "mx.ec13.test");
+    assert_eq!(reused.len(), 2);
+    assert_eq!(reused[1]["detail"]["reused"], true, "{}", reused[1]);
+    assert_eq!(reused[1]["tls"]["reason"], "verified");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -508,8 +527,20 @@ async fn dns_outcomes_and_per_recipient_results() {
             &["unknown@mixed.test"],
         )
         .await;
+    // An MX that is this relay itself is a loop: deferred, never connected.
+    w.dns
+        .mx_at("loop.test", RELAY_HOSTNAME, Ipv4Addr::new(127, 0, 0, 42));
+    let looped = Receiver::start(
+        World::ip(42),
+        w.port,
+        RELAY_HOSTNAME,
+        TlsMode::NoStarttls,
+        &[],
+    )
+    .await;
     let relay = w.relay();
     let rcpts = [
+        "d@loop.test",
         "a@nullmx.test",
         "b@implicit.test",
         "c@servfail.test",
@@ -564,9 +595,32 @@ async fn dns_outcomes_and_per_recipient_results() {
         "{}",
         bounced[0]
     );
-    // The queue keeps only the SERVFAIL recipient.
+    // The loop: deferred with 4.4.6, audited, never connected.
+    let lines = wait_audit(&relay, 10, "loop deferral", |lines| {
+        !events_for(lines, "deferred", "d@loop.test").is_empty()
+    })
+    .await;
+    let lp = events_for(&lines, "deferred", "d@loop.test");
+    assert!(
+        lp[0]["detail"]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("4.4.6"),
+        "{}",
+        lp[0]
+    );
+    assert!(attempts_for(&lines, RELAY_HOSTNAME)[0]["detail"]["error"]
+        .as_str()
+        .unwrap()
+        .contains("loop"));
+    assert_eq!(looped.connections(), 0);
+    assert!(relay.logs().contains("MAIL LOOP"), "not logged loudly");
+    // The queue keeps only the SERVFAIL and loop recipients.
     let shown = queue_states(&relay, &id).to_string();
-    assert!(shown.contains("servfail.test"), "{shown}");
+    assert!(
+        shown.contains("servfail.test") && shown.contains("loop.test"),
+        "{shown}"
+    );
     assert_eq!(relay.message_count(), 1);
 }
 

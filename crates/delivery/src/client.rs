@@ -572,6 +572,263 @@ async fn reply_within<S: AsyncRead + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    use std::sync::{Arc, Mutex};
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    use tokio::net::TcpListener;
+
+    const MX: &str = "mx.unit.test";
+
+    /// A CA file the trust store can load, and a server config for `MX` signed by it.
+    struct Pki {
+        _dir: tempfile::TempDir,
+        ca_file: std::path::PathBuf,
+        server: Arc<rustls::ServerConfig>,
+    }
+
+    fn pki() -> Pki {
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.distinguished_name
+            .push(rcgen::DnType::CommonName, "Unit Test Root");
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let leaf = rcgen::CertificateParams::new(vec![MX.to_owned()]).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = leaf.signed_by(&key, &issuer).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, ca_cert.pem()).unwrap();
+        let chain = vec![CertificateDer::from(cert.der().to_vec())];
+        let key = PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).unwrap();
+        let server = Arc::new(sealpost_policy::server_config(chain, key).unwrap());
+        Pki {
+            _dir: dir,
+            ca_file,
+            server,
+        }
+    }
+
+    #[derive(Default)]
+    struct Seen {
+        commands: Vec<String>,
+        wire: Vec<u8>,
+    }
+
+    /// A one-connection SMTP server: STARTTLS if `tls` is given, 550 for `reject`.
+    async fn server(
+        tls: Option<Arc<rustls::ServerConfig>>,
+        reject: &'static str,
+        greet: bool,
+    ) -> (u16, Arc<Mutex<Seen>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen: Arc<Mutex<Seen>> = Arc::default();
+        let log = seen.clone();
+        tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            if !greet {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                return;
+            }
+            tcp.write_all(b"220 mx.unit.test ESMTP\r\n").await.unwrap();
+            let mut plain = BufReader::new(tcp);
+            let offer = tls.is_some();
+            if !dialogue(&mut plain, &log, offer, reject).await {
+                return;
+            }
+            let Some(cfg) = tls else { return };
+            let stream = tokio_rustls::TlsAcceptor::from(cfg)
+                .accept(plain.into_inner())
+                .await;
+            if let Ok(stream) = stream {
+                dialogue(&mut BufReader::new(stream), &log, false, reject).await;
+            }
+        });
+        (port, seen)
+    }
+
+    /// Serves commands; true when STARTTLS was accepted (the caller upgrades).
+    async fn dialogue<S: AsyncRead + AsyncWrite + Unpin>(
+        s: &mut BufReader<S>,
+        log: &Mutex<Seen>,
+        offer: bool,
+        reject: &str,
+    ) -> bool {
+        let mut in_data = false;
+        loop {
+            let mut line = Vec::new();
+            if s.read_until(b'\n', &mut line).await.unwrap_or(0) == 0 {
+                return false;
+            }
+            let text = String::from_utf8_lossy(&line).trim_end().to_owned();
+            if in_data {
+                log.lock().unwrap().wire.extend_from_slice(&line);
+                if text == "." {
+                    in_data = false;
+                    s.get_mut()
+                        .write_all(b"250 2.0.0 queued\r\n")
+                        .await
+                        .unwrap();
+                }
+                continue;
+            }
+            log.lock().unwrap().commands.push(text.clone());
+            let out: &[u8] = match text.split([' ', ':']).next().unwrap_or("") {
+                "EHLO" if offer => b"250-mx.unit.test\r\n250-STARTTLS\r\n250 SIZE 1000\r\n",
+                "EHLO" => b"250-mx.unit.test\r\n250 DSN\r\n",
+                "STARTTLS" => {
+                    s.get_mut().write_all(b"220 2.0.0 go\r\n").await.unwrap();
+                    return true;
+                }
+                "RCPT" if text.contains(reject) => b"550 5.1.1 unknown user\r\n",
+                "DATA" => {
+                    in_data = true;
+                    b"354 go\r\n"
+                }
+                "QUIT" => b"221 bye\r\n",
+                _ => b"250 ok\r\n",
+            };
+            s.get_mut().write_all(out).await.unwrap();
+        }
+    }
+
+    fn settings(port: u16) -> ClientSettings {
+        let mut s = ClientSettings::new("relay.unit.test", port, Duration::from_secs(5));
+        s.greeting_timeout = Duration::from_millis(300);
+        s
+    }
+
+    fn spec() -> PolicySpec {
+        PolicySpec::new("phi", sealpost_policy::TlsRequirement::Verified)
+    }
+
+    const LOCAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+    #[tokio::test]
+    async fn verified_session_gives_per_recipient_results_and_dot_stuffs() {
+        let pki = pki();
+        let trust = TrustStore::new(std::slice::from_ref(&pki.ca_file)).unwrap();
+        let (port, seen) = server(Some(pki.server.clone()), "nobody@", true).await;
+        let mut session = open(&settings(port), &trust, &spec(), MX, LOCAL)
+            .await
+            .unwrap();
+        assert_eq!(session.evidence().reason, Verdict::Verified);
+        // RFC 3207: only the EHLO after TLS counts (SIZE was announced only before it).
+        assert_eq!(session.extensions().size, None);
+        assert!(session.extensions().dsn);
+        let rcpts = [
+            TxnRecipient {
+                address: "nobody@unit.test".into(),
+                notify: None,
+                orcpt: None,
+            },
+            TxnRecipient {
+                address: "someone@unit.test".into(),
+                notify: None,
+                orcpt: None,
+            },
+        ];
+        let body = b"Subject: x\r\n\r\n.dot line\r\nend\r\n";
+        let txn = Transaction {
+            sender: "app@clinic.test",
+            recipients: &rcpts,
+            body,
+            eight_bit: false,
+            smtputf8: false,
+            ret: None,
+            envid: None,
+        };
+        let results = session.send(&txn).await.unwrap();
+        assert!(
+            matches!(&results[0], RcptResult::Failed(r) if r.contains("550 5.1.1")),
+            "{results:?}"
+        );
+        assert!(
+            matches!(&results[1], RcptResult::Delivered(r) if r.contains("250")),
+            "{results:?}"
+        );
+        assert!(session.reset().await);
+        session.quit().await;
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.wire, b"Subject: x\r\n\r\n..dot line\r\nend\r\n.\r\n");
+        // Nothing of the envelope went out before TLS; EHLO was repeated after it.
+        let ehlos = seen
+            .commands
+            .iter()
+            .filter(|c| c.starts_with("EHLO"))
+            .count();
+        assert_eq!(ehlos, 2, "{:?}", seen.commands);
+        let starttls = seen.commands.iter().position(|c| c == "STARTTLS").unwrap();
+        let mail = seen
+            .commands
+            .iter()
+            .position(|c| c.starts_with("MAIL"))
+            .unwrap();
+        assert!(starttls < mail);
+        assert!(
+            seen.commands
+                .iter()
+                .any(|c| c == "MAIL FROM:<app@clinic.test>"),
+            "{:?}",
+            seen.commands
+        );
+    }
+
+    #[tokio::test]
+    async fn no_starttls_is_refused_before_any_envelope() {
+        let pki = pki();
+        let trust = TrustStore::new(std::slice::from_ref(&pki.ca_file)).unwrap();
+        let (port, seen) = server(None, "", true).await;
+        let Err(OpenError::Rejected(ev)) = open(&settings(port), &trust, &spec(), MX, LOCAL).await
+        else {
+            panic!("plaintext server accepted");
+        };
+        assert_eq!(ev.reason, Verdict::StarttlsNotOffered);
+        assert_eq!(ev.ip, Some(LOCAL));
+        assert!(ev.tls.is_none());
+        let seen = seen.lock().unwrap();
+        assert!(
+            !seen.commands.iter().any(|c| c.starts_with("MAIL")),
+            "{:?}",
+            seen.commands
+        );
+    }
+
+    #[tokio::test]
+    async fn an_untrusted_certificate_is_judged_and_refused() {
+        let pki = pki();
+        let trust = TrustStore::new(&[]).unwrap(); // Mozilla roots only
+        let (port, seen) = server(Some(pki.server.clone()), "", true).await;
+        let Err(OpenError::Rejected(ev)) = open(&settings(port), &trust, &spec(), MX, LOCAL).await
+        else {
+            panic!("untrusted server accepted");
+        };
+        assert_eq!(ev.reason, Verdict::UnknownIssuer);
+        assert_eq!(ev.tls.as_ref().unwrap().chain_sha256.len(), 1);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!seen
+            .lock()
+            .unwrap()
+            .commands
+            .iter()
+            .any(|c| c.starts_with("MAIL")));
+    }
+
+    #[tokio::test]
+    async fn a_silent_server_times_out_at_the_greeting() {
+        let trust = TrustStore::new(&[]).unwrap();
+        let (port, _) = server(None, "", false).await;
+        let started = std::time::Instant::now();
+        let Err(OpenError::Rejected(ev)) = open(&settings(port), &trust, &spec(), MX, LOCAL).await
+        else {
+            panic!("no greeting but accepted");
+        };
+        assert_eq!(ev.reason, Verdict::Timeout);
+        assert!(started.elapsed() < Duration::from_secs(3));
+    }
 
     #[test]
     fn notify_values_parse() {
