@@ -33,6 +33,10 @@ impl World {
     }
 
     fn relay(&self) -> Relay {
+        self.relay_with(|cfg| cfg)
+    }
+
+    fn relay_with(&self, tweak: impl FnOnce(RelayConfig) -> RelayConfig) -> Relay {
         let cfg = RelayConfig {
             env: vec![
                 (
@@ -51,7 +55,7 @@ impl World {
             ..RelayConfig::default()
         }
         .queue("retry", "[\"1s\"]");
-        Relay::start(cfg)
+        Relay::start(tweak(cfg))
     }
 
     fn ip(last: u8) -> IpAddr {
@@ -670,4 +674,69 @@ async fn a_real_postfix_receives_the_message() {
     let expected_tail = submitted.replace("\r\n", "\n");
     assert!(stored.ends_with(&expected_tail), "stored:\n{stored}");
     assert!(stored.contains("Received: "), "{stored}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hold_ends_per_domain_policy_and_expiry() {
+    let w = World::new().await;
+    let short = w
+        .receiver("shorthold.test", 60, TlsMode::NoStarttls, &[])
+        .await;
+    let _phi = w
+        .receiver("phihold.test", 61, TlsMode::NoStarttls, &[])
+        .await;
+    let relay = w.relay_with(|mut cfg| {
+        cfg.extra_toml.push_str(
+            "[policies.short]\ntls = \"verified\"\non_failure = [\"hold:2s\", \"bounce\"]\n\n\
+             [domains.\"shorthold.test\"]\npolicy = \"short\"\n",
+        );
+        cfg.queue("lifetime", "\"5s\"")
+    });
+    let (id, _) = submit(
+        &relay,
+        &["a@shorthold.test", "b@phihold.test"],
+        "Reminder.\r\n",
+    )
+    .await;
+    let lines = wait_audit(&relay, 20, "both expired", |lines| {
+        !events_for(lines, "expired", "a@shorthold.test").is_empty()
+            && !events_for(lines, "expired", "b@phihold.test").is_empty()
+    })
+    .await;
+    // The domain override picked policy `short`; the message's own policy is `phi`.
+    let a_held = events_for(&lines, "diverted", "a@shorthold.test");
+    assert_eq!(a_held[0]["detail"]["policy"], "short");
+    assert_eq!(a_held[0]["detail"]["step"], "hold:2s");
+    let b_held = events_for(&lines, "diverted", "b@phihold.test");
+    assert_eq!(b_held[0]["detail"]["policy"], "phi");
+    assert_eq!(b_held[0]["detail"]["step"], "hold:4h");
+    // After its 2s hold, `short` reaches `bounce`, which this version does not perform yet: the
+    // recipient stays queued (deferred) and the secure path keeps being retried.
+    let after = events_for(&lines, "deferred", "a@shorthold.test");
+    assert!(!after.is_empty(), "hold never ended");
+    assert_eq!(after[0]["detail"]["step"], "bounce");
+    assert!(after[0]["detail"]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("`bounce` is not available"));
+    assert!(
+        events_for(&lines, "deferred", "b@phihold.test").is_empty(),
+        "phi hold is 4h"
+    );
+    assert!(
+        short.connections() >= 3,
+        "secure path not retried during and after the hold"
+    );
+    // Expired: failed with an `expired` record, and the message leaves the queue.
+    let exp = events_for(&lines, "expired", "b@phihold.test");
+    assert_eq!(exp[0]["queue_id"], id.as_str());
+    assert!(exp[0]["detail"]["reason"]
+        .as_str()
+        .unwrap()
+        .starts_with("5.4.7"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while relay.message_count() != 0 {
+        assert!(Instant::now() < deadline, "expired message still queued");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
