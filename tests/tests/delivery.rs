@@ -545,6 +545,7 @@ async fn dns_outcomes_and_per_recipient_results() {
     let relay = w.relay();
     let rcpts = [
         "d@loop.test",
+        "e@nxdomain.test",
         "a@nullmx.test",
         "b@implicit.test",
         "c@servfail.test",
@@ -554,6 +555,7 @@ async fn dns_outcomes_and_per_recipient_results() {
     let (id, submitted) = submit(&relay, &rcpts, "Appointment reminder.\r\n").await;
     let lines = wait_audit(&relay, 30, "outcomes", |lines| {
         !events_for(lines, "bounced", "a@nullmx.test").is_empty()
+            && !events_for(lines, "bounced", "e@nxdomain.test").is_empty()
             && !events_for(lines, "delivered", "b@implicit.test").is_empty()
             && events_for(lines, "deferred", "c@servfail.test").len() >= 2
             && !events_for(lines, "bounced", "unknown@mixed.test").is_empty()
@@ -572,6 +574,17 @@ async fn dns_outcomes_and_per_recipient_results() {
         null[0]
     );
     assert!(attempts_for(&lines, "nullmx.test").is_empty());
+    // NXDOMAIN: failed with 5.1.2, never retried.
+    let nx = events_for(&lines, "bounced", "e@nxdomain.test");
+    assert_eq!(nx.len(), 1, "{nx:?}");
+    assert!(
+        nx[0]["detail"]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("5.1.2"),
+        "{}",
+        nx[0]
+    );
     // Implicit MX delivered.
     assert_eq!(implicit.received().len(), 1);
     assert_byte_exact(&implicit.received()[0].data, &submitted);
