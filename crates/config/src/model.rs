@@ -240,6 +240,8 @@ pub struct Delivery {
     pub max_connections_per_domain: usize,
     /// Time allowed to connect to one MX address.
     pub connect_timeout: HumanDuration,
+    /// Accept and queue mail but deliver nothing (maintenance, benchmarks).
+    pub paused: bool,
 }
 
 impl Default for Delivery {
@@ -250,6 +252,7 @@ impl Default for Delivery {
             max_connections: 50,
             max_connections_per_domain: 5,
             connect_timeout: HumanDuration(Duration::from_secs(30)),
+            paused: false,
         }
     }
 }

@@ -241,3 +241,19 @@ policy = "weak"
     assert!(keys.contains(&"smarthosts.relay.mode"), "{keys:?}");
     assert!(keys.contains(&"smarthosts.relay.policy"), "{keys:?}");
 }
+
+#[test]
+fn delivery_paused_defaults_off_parses_and_rejects_non_bool() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(&dir, &minimal());
+    let c = Config::load_with_env_prefix(&path, "SPTEST_NONE_").unwrap();
+    assert!(!c.delivery.paused);
+    let path = write(&dir, &(minimal() + "\n[delivery]\npaused = true\n"));
+    let c = Config::load_with_env_prefix(&path, "SPTEST_NONE_").unwrap();
+    assert!(c.delivery.paused);
+    let path = write(&dir, &(minimal() + "\n[delivery]\npaused = \"yes\"\n"));
+    let err = Config::load_with_env_prefix(&path, "SPTEST_NONE_")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("paused"), "{err}");
+}

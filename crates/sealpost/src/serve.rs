@@ -134,7 +134,13 @@ pub async fn run(source: ConfigSource) -> Result<()> {
     let engine = sealpost_delivery::Engine::new(&config, queue.clone(), audit.clone())
         .context("starting the delivery engine")?;
     let (delivery_stop_tx, delivery_stop_rx) = watch::channel(false);
-    let delivery = tokio::spawn(engine.run(delivery_stop_rx));
+    let delivery = if config.delivery.paused {
+        tracing::warn!("delivery.paused = true: mail is accepted and queued, nothing is delivered");
+        drop(engine);
+        tokio::spawn(async {})
+    } else {
+        tokio::spawn(engine.run(delivery_stop_rx))
+    };
     audit
         .record(Record::new(Event::Started).detail("version", env!("CARGO_PKG_VERSION")))
         .await?;
