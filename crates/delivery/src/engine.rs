@@ -75,8 +75,7 @@ pub fn resolve_policies(config: &Config) -> Result<HashMap<String, ResolvedPolic
         };
         let mut spec = PolicySpec::new(name, requirement);
         for pin in &policy.pins {
-            let clean: String = pin.chars().filter(|c| *c != ':').collect();
-            let bytes = hex::decode(&clean)
+            let bytes = hex::decode(pin)
                 .ok()
                 .and_then(|b| <[u8; 32]>::try_from(b).ok());
             let Some(bytes) = bytes else {
@@ -747,6 +746,52 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn config(extra: &str) -> Config {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sealpost.toml");
+        let text = format!(
+            "[server]\nhostname = \"relay.unit.test\"\nstate_dir = \"{}\"\n\n\
+             [[listeners]]\naddress = \"127.0.0.1:2587\"\nmode = \"starttls\"\n\n{extra}",
+            dir.path().display()
+        );
+        std::fs::write(&path, text).unwrap();
+        Config::load_with_env_prefix(&path, "SEALPOST_UNIT_TEST_NONE_").unwrap()
+    }
+
+    #[test]
+    fn policies_resolve_with_pins_and_the_builtin_phi() {
+        let (pin1, pin2) = ("ab".repeat(32), "CD".repeat(32));
+        let cfg = config(&format!(
+            "[policies.partner]\ntls = \"verified\"\npins = [\"{pin1}\", \"{pin2}\"]\non_failure = [\"hold:1h\"]\n\n\
+             [policies.notices]\ntls = \"encrypted\"\n"
+        ));
+        let table = resolve_policies(&cfg).unwrap();
+        let phi = &table["phi"];
+        assert_eq!(phi.spec.requirement, TlsRequirement::Verified);
+        assert_eq!(phi.on_failure, Policy::phi_default().on_failure);
+        let partner = &table["partner"];
+        assert_eq!(partner.spec.pins, vec![[0xab; 32], [0xcd; 32]]);
+        assert_eq!(
+            partner.on_failure,
+            vec![FallbackStep::Hold(Duration::from_secs(3600))]
+        );
+        assert_eq!(table["notices"].spec.requirement, TlsRequirement::Encrypted);
+    }
+
+    #[test]
+    fn a_malformed_pin_is_refused_naming_the_policy() {
+        // Config validation refuses such pins too; the engine does not rely on it.
+        let mut cfg = config("[policies.partner]\ntls = \"verified\"\n");
+        if let Some(p) = cfg.policies.get_mut("partner") {
+            p.pins = vec!["abcd".to_owned()];
+        }
+        let err = resolve_policies(&cfg).unwrap_err();
+        assert!(
+            matches!(err, DeliveryError::BadPin { ref policy, .. } if policy == "partner"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn domains_are_lower_case_without_trailing_dot() {
