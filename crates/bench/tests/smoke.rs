@@ -1,0 +1,174 @@
+//! Benchmark smoke run: the whole `sealpost-bench run` end to end with a few hundred messages
+//! against the debug `sealpost` binary (and Postfix when installed, as in CI). It checks that
+//! the benchmark runs and its numbers are sane, not performance.
+#![allow(clippy::unwrap_used)] // test helpers: a failed step should panic with its error
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// `target/<profile>/` from the test executable (`target/<profile>/deps/smoke-…`).
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let deps = exe.parent().unwrap();
+    if deps.ends_with("deps") {
+        deps.parent().unwrap().to_path_buf()
+    } else {
+        deps.to_path_buf()
+    }
+}
+
+/// The `sealpost` binary: `$SEALPOST_BIN`, else built with cargo (a no-op when fresh).
+fn sealpost_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("SEALPOST_BIN") {
+        return PathBuf::from(p);
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../Cargo.toml");
+    let out = Command::new(&cargo)
+        .args([
+            "build",
+            "-p",
+            "sealpost",
+            "--bin",
+            "sealpost",
+            "--manifest-path",
+        ])
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "building sealpost: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bin = profile_dir().join("sealpost");
+    assert!(bin.exists(), "{} missing", bin.display());
+    bin
+}
+
+fn postfix_installed() -> bool {
+    Path::new("/usr/sbin/postfix").exists() && Path::new("/etc/postfix/master.cf").exists()
+}
+
+#[test]
+fn benchmark_runs_end_to_end_with_sane_numbers() {
+    let bin = sealpost_bin();
+    let work = tempfile::tempdir().unwrap();
+    let json = work.path().join("report.json");
+    let with_postfix = postfix_installed();
+    if !with_postfix {
+        eprintln!("postfix is not installed: running the Sealpost rows only");
+    }
+    let t0 = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_sealpost-bench"))
+        .arg("run")
+        .arg("--sealpost-bin")
+        .arg(&bin)
+        .arg("--work-dir")
+        .arg(work.path().join("run"))
+        .args([
+            "--messages",
+            "200",
+            "--sessions",
+            "10",
+            "--auth-sessions",
+            "3",
+        ])
+        .args(["--fifty-kb-messages", "100", "--accept-messages", "200"])
+        .args(["--queued", "2000", "--idle-sessions", "50"])
+        .args(["--delivery-timeout", "60", "--quiet"])
+        .args(["--postfix", if with_postfix { "require" } else { "skip" }])
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    let took = t0.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "run failed:\n{stdout}\n{stderr}");
+    eprintln!("{stdout}\n(took {took:?})");
+    assert!(took < Duration::from_secs(120), "smoke run took {took:?}");
+
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    let row = |tag: &str| {
+        rows.iter()
+            .find(|r| r["load"]["tag"] == tag)
+            .unwrap_or_else(|| panic!("no row {tag} in {report}"))
+    };
+    let mut e2e = vec![
+        ("sealpost-plain", 200),
+        ("sealpost-auth", 200),
+        ("sealpost-50k", 100),
+    ];
+    if with_postfix {
+        e2e.push(("postfix-plain", 200));
+        assert!(stdout.contains("Sealpost / Postfix"), "{stdout}");
+        assert_eq!(report["postfix_queue_left"], 0);
+    }
+    for (tag, n) in e2e {
+        let r = row(tag);
+        let load = &r["load"];
+        assert_eq!(load["accepted"], n, "{tag}: {r}");
+        assert_eq!(load["refused"], 0, "{tag}: {r}");
+        assert_eq!(load["errors"], 0, "{tag}: {r}");
+        assert_eq!(load["acceptance"]["count"], n, "{tag}");
+        let sink = &r["sink"];
+        assert_eq!(
+            sink["messages"], n,
+            "{tag}: everything accepted reached the sink once"
+        );
+        assert_eq!(sink["recipients"], n, "{tag}");
+        assert_eq!(sink["over_tls"], n, "{tag}: every delivery used TLS");
+        assert_eq!(sink["missing_stamp"], 0, "{tag}");
+        for version in sink["tls"].as_object().unwrap().keys() {
+            assert!(
+                version.starts_with("TLSv1_2") || version.starts_with("TLSv1_3"),
+                "{tag}: {version}"
+            );
+        }
+        let (a50, a99) = (
+            load["acceptance"]["p50_ms"].as_f64().unwrap(),
+            load["acceptance"]["p99_ms"].as_f64().unwrap(),
+        );
+        assert!(a50 > 0.0 && a99 >= a50, "{tag}: acceptance {a50} {a99}");
+        let (e50, e99) = (
+            sink["end_to_end"]["p50_ms"].as_f64().unwrap(),
+            sink["end_to_end"]["p99_ms"].as_f64().unwrap(),
+        );
+        assert!(e50 > 0.0 && e99 >= e50, "{tag}: e2e {e50} {e99}");
+        // A message cannot reach the sink before it was accepted.
+        assert!(
+            e50 >= a50 * 0.5,
+            "{tag}: e2e p50 {e50} vs acceptance p50 {a50}"
+        );
+        let delivered = r["delivered_per_s"].as_f64().unwrap();
+        let accepted = load["accepted_per_s"].as_f64().unwrap();
+        assert!(
+            delivered > 0.0 && delivered <= accepted * 1.01,
+            "{tag}: {delivered} vs {accepted}"
+        );
+        assert!(r["cpu_secs"].as_f64().unwrap() > 0.0, "{tag}");
+        let rss = r["peak_rss_kb"].as_u64().unwrap();
+        assert!(
+            rss > 1024 && rss < 4 * 1024 * 1024,
+            "{tag}: peak RSS {rss} KiB"
+        );
+    }
+    for tag in ["accept-empty", "accept-queued"] {
+        let r = row(tag);
+        assert_eq!(r["load"]["accepted"], 200, "{tag}: {r}");
+        assert!(r["sink"].is_null(), "{tag}: delivery is paused");
+    }
+    assert_eq!(report["start"]["queued"], 2000);
+    assert!(report["start"]["start_secs"].as_f64().unwrap() > 0.0);
+    let idle = report["idle"].as_array().unwrap();
+    assert_eq!(idle.len(), 2);
+    for i in idle {
+        assert_eq!(i["sessions"], 50, "{i}");
+        assert!(i["rss_after_kb"].as_u64().unwrap() > 0, "{i}");
+    }
+    assert_eq!(report["targets"].as_array().unwrap().len(), 5);
+}
