@@ -522,6 +522,8 @@ async fn dns_outcomes_and_per_recipient_results() {
     )
     .await;
     w.dns.servfail("servfail.test");
+    // An MX whose host has no address: deferred (temporary), not held, nothing judged.
+    w.dns.mx("noaddr.test", 10, "mx.noaddr.test");
     let mixed_files = w.leaf("mixed", "mx.mixed.test");
     let mixed = w
         .receiver(
@@ -546,6 +548,7 @@ async fn dns_outcomes_and_per_recipient_results() {
     let rcpts = [
         "d@loop.test",
         "e@nxdomain.test",
+        "f@noaddr.test",
         "a@nullmx.test",
         "b@implicit.test",
         "c@servfail.test",
@@ -556,6 +559,7 @@ async fn dns_outcomes_and_per_recipient_results() {
     let lines = wait_audit(&relay, 30, "outcomes", |lines| {
         !events_for(lines, "bounced", "a@nullmx.test").is_empty()
             && !events_for(lines, "bounced", "e@nxdomain.test").is_empty()
+            && !events_for(lines, "deferred", "f@noaddr.test").is_empty()
             && !events_for(lines, "delivered", "b@implicit.test").is_empty()
             && events_for(lines, "deferred", "c@servfail.test").len() >= 2
             && !events_for(lines, "bounced", "unknown@mixed.test").is_empty()
@@ -585,6 +589,13 @@ async fn dns_outcomes_and_per_recipient_results() {
         "{}",
         nx[0]
     );
+    let na = events_for(&lines, "deferred", "f@noaddr.test");
+    let reason = na[0]["detail"]["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("4.4.3 no address for any MX"),
+        "{reason}"
+    );
+    assert!(events_for(&lines, "diverted", "f@noaddr.test").is_empty());
     // Implicit MX delivered.
     assert_eq!(implicit.received().len(), 1);
     assert_byte_exact(&implicit.received()[0].data, &submitted);
@@ -632,10 +643,12 @@ async fn dns_outcomes_and_per_recipient_results() {
         .contains("loop"));
     assert_eq!(looped.connections(), 0);
     assert!(relay.logs().contains("MAIL LOOP"), "not logged loudly");
-    // The queue keeps only the SERVFAIL and loop recipients.
+    // The queue keeps only the SERVFAIL, loop and no-address recipients.
     let shown = queue_states(&relay, &id).to_string();
     assert!(
-        shown.contains("servfail.test") && shown.contains("loop.test"),
+        shown.contains("servfail.test")
+            && shown.contains("loop.test")
+            && shown.contains("noaddr.test"),
         "{shown}"
     );
     assert_eq!(relay.message_count(), 1);

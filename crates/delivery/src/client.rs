@@ -462,8 +462,13 @@ impl Session {
 
     /// Sends RSET; false if the session is no longer usable.
     pub async fn reset(&mut self) -> bool {
-        let timeout = self.settings.command_timeout;
-        matches!(command(&mut self.reader, "RSET\r\n", timeout, "RSET").await, Ok(r) if r.code == 250)
+        self.reset_within(self.settings.command_timeout).await
+    }
+
+    /// Sends RSET with a shorter limit (checking an idle session before reuse).
+    pub async fn reset_within(&mut self, limit: Duration) -> bool {
+        let limit = limit.min(self.settings.command_timeout);
+        matches!(command(&mut self.reader, "RSET\r\n", limit, "RSET").await, Ok(r) if r.code == 250)
     }
 
     /// Says QUIT and closes (best effort, bounded by the command timeout).

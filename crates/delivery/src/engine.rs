@@ -23,6 +23,8 @@ use crate::pool::{Pool, PoolKey};
 
 /// How long a verified session may sit idle before it is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time allowed for the RSET that checks an idle session before reuse.
+const REUSE_CHECK_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest sleep of the scheduler when nothing is due.
 const MAX_SLEEP: Duration = Duration::from_secs(30);
 
@@ -400,6 +402,7 @@ impl Inner {
             MxAnswer::Hosts(hosts) => {
                 let mut failures = Vec::new();
                 let mut looped = Vec::new();
+                let mut connected_any = false;
                 for host in hosts {
                     if host.name == self.hostname {
                         looped.push(host.name.clone());
@@ -427,6 +430,7 @@ impl Inner {
                             self.report_loop(lease, &host.name, Some(ip)).await;
                             continue;
                         }
+                        connected_any = true;
                         match self.session(lease, &policy, &host.name, ip).await {
                             Ok(session) => {
                                 return self
@@ -441,6 +445,14 @@ impl Inner {
                     let reason = format!(
                         "4.4.6 mail loop: the MX for {domain} is this relay ({})",
                         looped.join(", ")
+                    );
+                    return self.all_deferred(lease, &recipients, reason).await;
+                }
+                if !connected_any {
+                    // Only DNS trouble with the MX hosts' addresses: no server was judged.
+                    let reason = format!(
+                        "4.4.3 no address for any MX of {domain}: {}",
+                        failures.join("; ")
                     );
                     return self.all_deferred(lease, &recipients, reason).await;
                 }
@@ -477,7 +489,7 @@ impl Inner {
             policy: policy.spec.name.clone(),
         };
         while let Some(mut session) = self.pool.take(&key) {
-            if session.reset().await {
+            if session.reset_within(REUSE_CHECK_TIMEOUT).await {
                 tracing::debug!(queue_id = %lease.id, mx, transactions = session.transactions(), "reusing verified connection");
                 self.audit(
                     Record::new(Event::Attempt)
