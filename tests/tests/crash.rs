@@ -1,0 +1,233 @@
+//! Issue 3's crash test: concurrent clients submit 2,000 messages while the real relay is killed
+//! with SIGKILL at three random points; after each restart the relay goes on. In the end every
+//! message that got a `250` must have reached the test receiver exactly once (a duplicate is only
+//! possible for a message that was being delivered at a kill; those are counted and bounded).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+
+use sealpost_tests::dns::DnsServer;
+use sealpost_tests::receiver::{default_tls, Receiver};
+use sealpost_tests::*;
+use std::collections::{BTreeSet, HashMap};
+use std::hash::{BuildHasher, Hasher};
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const TOTAL: usize = 2_000;
+const CLIENTS: usize = 8;
+const KILLS: usize = 3;
+/// `delivery.max_connections`: bounds how many messages can be mid-delivery at a kill.
+const MAX_DELIVERY_CONNECTIONS: usize = 4;
+const FROM: &str = "billing@clinic.example";
+const TO: &str = "patient@crash.test";
+
+fn random_kill_points() -> Vec<usize> {
+    let mut points = BTreeSet::new();
+    let state = std::collections::hash_map::RandomState::new();
+    let mut i = 0u64;
+    while points.len() < KILLS {
+        let mut h = state.build_hasher();
+        h.write_u64(i);
+        i += 1;
+        // Somewhere between 10% and 90% of the run, at least 100 apart.
+        let p = TOTAL / 10 + (h.finish() as usize) % (TOTAL * 8 / 10);
+        if points.iter().all(|q: &usize| q.abs_diff(p) >= 100) {
+            points.insert(p);
+        }
+    }
+    points.into_iter().collect()
+}
+
+/// One client: submits numbered messages until `TOTAL` are acknowledged, reconnecting after kills.
+async fn client(
+    relay_addr: std::net::SocketAddr,
+    ca: String,
+    next: Arc<AtomicUsize>,
+    acked: Arc<Mutex<Vec<usize>>>,
+    done: Arc<AtomicBool>,
+) {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    'connect: while !done.load(Ordering::SeqCst) {
+        assert!(
+            Instant::now() < deadline,
+            "client gave up: relay never came back"
+        );
+        let session = async {
+            let mut c = SmtpClient::connect(relay_addr).await.ok()?;
+            c.greeting().await.ok()?;
+            c.ehlo("crash.client").await.ok()?;
+            c.starttls(&ca, RELAY_HOSTNAME).await.ok()?;
+            c.ehlo("crash.client").await.ok()?;
+            let r = c.auth_plain(DEFAULT_USER, DEFAULT_PASSWORD).await.ok()?;
+            (r.code == 235).then_some(c)
+        }
+        .await;
+        let Some(mut c) = session else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        while !done.load(Ordering::SeqCst) {
+            let n = next.fetch_add(1, Ordering::SeqCst);
+            let msg = message(
+                FROM,
+                TO,
+                "crash test",
+                &format!("crash-msg-{n}-end\r\nline two"),
+            );
+            match c.submit(FROM, &[TO], &msg).await {
+                Ok(r) if queue_id_of(&r).is_some() => {
+                    let mut a = acked.lock().unwrap();
+                    a.push(n);
+                    if a.len() >= TOTAL {
+                        done.store(true, Ordering::SeqCst);
+                    }
+                }
+                // No 250: not acknowledged (the relay was killed or is going down); reconnect.
+                _ => continue 'connect,
+            }
+        }
+    }
+}
+
+fn delivered_numbers(rx: &Receiver) -> HashMap<usize, usize> {
+    let mut counts = HashMap::new();
+    for m in rx.received() {
+        let text = String::from_utf8_lossy(&m.data);
+        if let Some(rest) = text.split("crash-msg-").nth(1) {
+            if let Some(n) = rest
+                .split("-end")
+                .next()
+                .and_then(|s| s.parse::<usize>().ok())
+            {
+                *counts.entry(n).or_insert(0) += 1;
+            }
+        }
+    }
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_acknowledged_message_survives_three_sigkills_and_is_delivered_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(&dir.path().join("mx-ca"));
+    let dns = DnsServer::start().await;
+    let port = relay::free_port().port();
+    let mx_ip = Ipv4Addr::new(127, 0, 0, 77);
+    dns.mx_at("crash.test", "mx.crash.test", mx_ip);
+    let leaf = ca.issue("mx", &LeafSpec::new(&["mx.crash.test"]));
+    let rx = Receiver::start(
+        IpAddr::V4(mx_ip),
+        port,
+        "mx.crash.test",
+        default_tls(&leaf),
+        &[],
+    )
+    .await;
+
+    let cfg = RelayConfig {
+        env: vec![
+            ("SEALPOST_DNS__NAMESERVERS".into(), dns.nameservers_toml()),
+            ("SEALPOST_DELIVERY__PORT".into(), port.to_string()),
+            (
+                "SEALPOST_DELIVERY__MAX_CONNECTIONS".into(),
+                MAX_DELIVERY_CONNECTIONS.to_string(),
+            ),
+            (
+                "SEALPOST_DELIVERY__TRUST_ANCHORS".into(),
+                format!("[\"{}\"]", ca.root_pem_path().display()),
+            ),
+        ],
+        ..RelayConfig::default()
+    }
+    .queue("retry", "[\"1s\"]");
+    let mut relay = Relay::start(cfg);
+
+    let kill_points = random_kill_points();
+    println!("kill points (acknowledged count): {kill_points:?}");
+    let next = Arc::new(AtomicUsize::new(0));
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let done = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for _ in 0..CLIENTS {
+        tasks.push(tokio::spawn(client(
+            relay.starttls,
+            relay.ca_pem().to_string(),
+            next.clone(),
+            acked.clone(),
+            done.clone(),
+        )));
+    }
+    for point in &kill_points {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while acked.lock().unwrap().len() < *point {
+            assert!(
+                Instant::now() < deadline,
+                "stuck before kill point {point}:\n{}",
+                relay.log_tail(30)
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::task::block_in_place(|| {
+            relay.sigkill();
+            relay.restart();
+        });
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let acked: Vec<usize> = acked.lock().unwrap().clone();
+    assert!(acked.len() >= TOTAL);
+
+    // Wait until every acknowledged message has arrived (bounded).
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let counts = loop {
+        let counts = delivered_numbers(&rx);
+        if acked.iter().all(|n| counts.contains_key(n)) {
+            break counts;
+        }
+        if Instant::now() > deadline {
+            break counts;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let lost: Vec<usize> = acked
+        .iter()
+        .copied()
+        .filter(|n| !counts.contains_key(n))
+        .collect();
+    let duplicates: usize = counts.values().filter(|c| **c > 1).map(|c| c - 1).sum();
+    let unacked_delivered = counts.keys().filter(|n| !acked.contains(n)).count();
+    println!(
+        "acknowledged {} / delivered {} / lost {} / duplicates {} / delivered without 250 {}",
+        acked.len(),
+        acked.iter().filter(|n| counts.contains_key(n)).count(),
+        lost.len(),
+        duplicates,
+        unacked_delivered
+    );
+    assert!(
+        lost.is_empty(),
+        "acknowledged but never delivered: {lost:?}\n{}",
+        relay.log_tail(40)
+    );
+    assert!(
+        duplicates <= KILLS * MAX_DELIVERY_CONNECTIONS,
+        "{duplicates} duplicates: more than could have been mid-delivery at {KILLS} kills"
+    );
+    // The queue drains: nothing acknowledged is left behind.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while relay.message_count() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "queue did not drain: {}",
+            relay.message_count()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        relay.cli(&["audit", "verify"]).status.code(),
+        Some(0),
+        "audit chain intact after kills"
+    );
+}
