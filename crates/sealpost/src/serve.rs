@@ -84,6 +84,10 @@ fn runtime(config: Config) -> Result<Runtime> {
 
 /// Runs the relay until SIGTERM or SIGINT.
 pub async fn run(source: ConfigSource) -> Result<()> {
+    // Handlers first: a SIGTERM that arrives while starting is then handled, not fatal.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
     let config = source.load()?;
     ensure_dir(&config.server.state_dir)?;
     let queue = open_queue(&config)?;
@@ -147,9 +151,6 @@ pub async fn run(source: ConfigSource) -> Result<()> {
     tracing::info!(hostname = %config.server.hostname, "sealpost ready");
     systemd::ready("accepting mail");
 
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
     loop {
         tokio::select! {
             _ = term.recv() => break,

@@ -29,7 +29,7 @@ use tokio::sync::watch;
 #[derive(Debug, thiserror::Error)]
 pub enum SubmissionError {
     /// A listener address could not be bound.
-    #[error("cannot listen on {address}: {source}")]
+    #[error("cannot listen on {address}")]
     Bind {
         /// The configured address.
         address: SocketAddr,
