@@ -157,3 +157,62 @@ fn a_group_readable_key_is_refused_naming_path_and_mode() {
         "{err}"
     );
 }
+
+/// A queued record changed on disk fails AES-GCM authentication: the relay moves it aside, never
+/// delivers it, counts it, and records an audit `quarantined` event naming its id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tampered_record_is_quarantined_and_audited() {
+    let mut relay = Relay::start(RelayConfig::default().queue("retry", "[\"1s\"]"));
+    let id = submit_one(&relay, "to be tampered with").await;
+    assert!(tokio::task::block_in_place(|| relay.sigterm()).success());
+
+    // Sealed records start with version 1 and the 8-byte key id (SHA-256 of the key); flip a
+    // ciphertext byte of each one in the store file.
+    let key = std::fs::read(relay.state_dir().join("queue.key")).unwrap();
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &key);
+    let mut prefix = vec![1u8];
+    prefix.extend_from_slice(&digest.as_ref()[..8]);
+    let store = relay.state_dir().join("queue").join("queue.redb");
+    let mut bytes = std::fs::read(&store).unwrap();
+    let starts: Vec<usize> = bytes
+        .windows(prefix.len())
+        .enumerate()
+        .filter(|(_, w)| *w == prefix.as_slice())
+        .map(|(i, _)| i)
+        .collect();
+    assert!(starts.len() >= 2, "found {} sealed records", starts.len());
+    for s in &starts {
+        bytes[s + prefix.len() + 12 + 3] ^= 0x40; // past the nonce: inside the ciphertext
+    }
+    std::fs::write(&store, bytes).unwrap();
+
+    tokio::task::block_in_place(|| relay.restart());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let found = relay
+            .audit_lines()
+            .iter()
+            .any(|v| v["event"] == "quarantined" && v["queue_id"] == id.as_str());
+        if found {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no quarantined record:\n{}",
+            relay.log_tail(20)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        relay.queue_ids().is_empty(),
+        "the tampered message is not listed"
+    );
+    assert_eq!(relay.queue_json(&["stats"])["quarantined"], 1);
+    assert!(
+        !relay
+            .audit_lines()
+            .iter()
+            .any(|v| v["event"] == "attempt" && v["queue_id"] == id.as_str()),
+        "never delivered"
+    );
+}

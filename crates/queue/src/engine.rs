@@ -25,9 +25,19 @@ pub(crate) struct Inner {
     pub(crate) opts: QueueOptions,
     pub(crate) notify: Arc<Notify>,
     pub(crate) committer: Committer,
+    /// Ids quarantined since the owner last asked (for its audit log).
+    pub(crate) quarantined: std::sync::Mutex<Vec<QueueId>>,
 }
 
 impl Inner {
+    /// Remembers a quarantined id until [`crate::Queue::take_quarantined`] collects it.
+    pub(crate) fn report_quarantined(&self, id: QueueId) {
+        self.quarantined
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(id);
+    }
+
     /// Seals a record for storage under the primary key.
     pub(crate) fn seal(
         &self,
@@ -86,6 +96,7 @@ impl Inner {
         match self.unseal_meta(id, &sealed) {
             Err(QueueError::Integrity { id }) => {
                 quarantine(txn, id)?;
+                self.report_quarantined(id);
                 Err(QueueError::Integrity { id })
             }
             other => other,
@@ -135,6 +146,7 @@ impl Inner {
     pub(crate) fn quarantine_now(&self, id: QueueId) -> Result<(), QueueError> {
         self.store
             .write("quarantining a record", |txn| quarantine(txn, id))
+            .inspect(|_| self.report_quarantined(id))
     }
 
     /// Leases the due recipients of up to `max` messages.
@@ -374,6 +386,7 @@ impl Inner {
                             Err(QueueError::Integrity { id }) => {
                                 drop(table);
                                 quarantine(txn, id)?;
+                                self.report_quarantined(id);
                                 break;
                             }
                             Err(e) => return Err(e),

@@ -163,6 +163,7 @@ impl Queue {
             opts,
             notify: Arc::new(Notify::new()),
             committer,
+            quarantined: Default::default(),
         };
         let recovered = inner.recover_leases()?;
         if recovered > 0 {
@@ -302,6 +303,17 @@ impl Queue {
     #[doc(hidden)]
     pub fn commit_count(&self) -> u64 {
         self.inner.committer.commits()
+    }
+
+    /// Ids of messages quarantined (failed authentication) since the last call, for the audit log.
+    pub fn take_quarantined(&self) -> Vec<QueueId> {
+        std::mem::take(
+            &mut *self
+                .inner
+                .quarantined
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
     }
 
     /// Re-encrypts every record under the primary key; returns how many messages changed.

@@ -494,6 +494,12 @@ async fn tampered_records_are_quarantined_and_never_leased() {
     assert_eq!(leases.iter().map(|l| l.id).collect::<Vec<_>>(), vec![b]);
     assert!(matches!(q.show(a).await, Err(QueueError::NotFound(_))));
     assert_eq!(q.stats().await.unwrap().quarantined, 1);
+    assert_eq!(
+        q.take_quarantined(),
+        vec![a],
+        "reported once for the audit log"
+    );
+    assert!(q.take_quarantined().is_empty());
     drop(q);
 
     // a tampered body: reading it reports Integrity and quarantines the message
@@ -503,6 +509,7 @@ async fn tampered_records_are_quarantined_and_never_leased() {
     assert!(q.lease_due(later(3600), 10).await.unwrap().is_empty());
     assert!(q.list().await.unwrap().is_empty());
     assert_eq!(q.stats().await.unwrap().quarantined, 2);
+    assert_eq!(q.take_quarantined(), vec![b]);
 }
 
 #[test]

@@ -97,6 +97,7 @@ pub async fn run(source: ConfigSource) -> Result<()> {
     let bound = sealpost_submission::bind(&config).await?;
     let (rt_tx, rt_rx) = watch::channel(Arc::new(rt));
     let (stop_tx, stop_rx) = watch::channel(false);
+    let quarantine_task = tokio::spawn(audit_quarantined(queue.clone(), audit.clone()));
     let shared = Arc::new(Shared {
         runtime: rt_rx,
         queue: queue.clone(),
@@ -181,6 +182,7 @@ pub async fn run(source: ConfigSource) -> Result<()> {
         tracing::warn!("deliveries still in flight at shutdown; their recipients stay queued and are retried after restart");
     }
     admin_task.abort();
+    quarantine_task.abort();
     if let Some((gauges, server)) = metrics_task {
         gauges.abort();
         server.abort();
@@ -189,6 +191,25 @@ pub async fn run(source: ConfigSource) -> Result<()> {
     audit.record(Record::new(Event::Stopped)).await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Records an audit `quarantined` event for every message the queue moved aside.
+async fn audit_quarantined(queue: Queue, audit: AuditLog) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tick.tick().await;
+        for id in queue.take_quarantined() {
+            let rec = Record::new(Event::Quarantined)
+                .queue_id(id.to_string())
+                .detail(
+                    "reason",
+                    "record failed authentication (AES-GCM); moved aside, never delivered",
+                );
+            if let Err(e) = audit.record(rec).await {
+                tracing::error!(error = %e, queue_id = %id, "audit write failed");
+            }
+        }
+    }
 }
 
 async fn reload(source: &ConfigSource, rt_tx: &watch::Sender<Arc<Runtime>>, audit: &AuditLog) {
