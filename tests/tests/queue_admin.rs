@@ -216,3 +216,23 @@ async fn a_tampered_record_is_quarantined_and_audited() {
         "never delivered"
     );
 }
+
+/// A store file that is not a redb database stops the relay at start with an error naming it.
+#[test]
+fn a_corrupt_store_is_refused_at_start_naming_the_file() {
+    let mut relay = Relay::start(RelayConfig::default());
+    assert!(relay.sigterm().success());
+    let store = relay.state_dir().join("queue").join("queue.redb");
+    std::fs::write(&store, vec![0x5a; 64 * 1024]).unwrap();
+    let out = run_sealpost(
+        &["serve", "--config", relay.config_path().to_str().unwrap()],
+        &[],
+        b"",
+    );
+    assert!(!out.status.success(), "serve must refuse a corrupt store");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&store.display().to_string()),
+        "names the file: {err}"
+    );
+}
