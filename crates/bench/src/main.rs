@@ -124,6 +124,9 @@ enum Cmd {
         /// Messages of the 50 KB latency row (0 skips it).
         #[arg(long, default_value_t = 5000)]
         fifty_kb_messages: u64,
+        /// Open-loop rate (msg/s) of the second 50 KB row (0 skips it).
+        #[arg(long, default_value_t = 200.0)]
+        fifty_kb_rate: f64,
         /// Messages of each acceptance-only row (0 skips them).
         #[arg(long, default_value_t = 5000)]
         accept_messages: u64,
@@ -274,6 +277,7 @@ async fn main_async(cli: Cli) -> Result<(), BenchError> {
             mix,
             rate,
             fifty_kb_messages,
+            fifty_kb_rate,
             accept_messages,
             queued,
             queued_size,
@@ -294,6 +298,7 @@ async fn main_async(cli: Cli) -> Result<(), BenchError> {
                 mix: SizeMix::parse(&mix)?,
                 rate,
                 fifty_kb_messages,
+                fifty_kb_rate,
                 accept_messages,
                 queued,
                 queued_size: one_size(&queued_size)?,

@@ -96,11 +96,31 @@ pub fn group_rss_kb(root: u32) -> u64 {
         .sum()
 }
 
-/// Samples [`group_rss_kb`] every 100 ms on a thread and keeps the largest value.
+/// Proportional set size (`Pss` of `/proc/PID/smaps_rollup`), KiB: shared pages are divided
+/// among the processes sharing them.
+pub fn pss_kb(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    text.lines().find_map(|l| {
+        let rest = l.strip_prefix("Pss:")?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// Sum of [`pss_kb`] over `root` and its live children, KiB.
+pub fn group_pss_kb(root: u32) -> u64 {
+    std::iter::once(root)
+        .chain(children(root))
+        .filter_map(pss_kb)
+        .sum()
+}
+
+/// Samples [`group_rss_kb`] and [`group_pss_kb`] every 100 ms on a thread and keeps the
+/// largest values.
 #[derive(Debug)]
 pub struct PeakSampler {
     stop: Arc<AtomicBool>,
     peak: Arc<AtomicU64>,
+    peak_pss: Arc<AtomicU64>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -109,27 +129,33 @@ impl PeakSampler {
     pub fn start(root: u32) -> PeakSampler {
         let stop = Arc::new(AtomicBool::new(false));
         let peak = Arc::new(AtomicU64::new(group_rss_kb(root)));
-        let (s, p) = (stop.clone(), peak.clone());
+        let peak_pss = Arc::new(AtomicU64::new(group_pss_kb(root)));
+        let (s, p, q) = (stop.clone(), peak.clone(), peak_pss.clone());
         let thread = std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
                 p.fetch_max(group_rss_kb(root), Ordering::Relaxed);
+                q.fetch_max(group_pss_kb(root), Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(100));
             }
         });
         PeakSampler {
             stop,
             peak,
+            peak_pss,
             thread: Some(thread),
         }
     }
 
-    /// Stops and returns the peak, KiB.
-    pub fn finish(mut self) -> u64 {
+    /// Stops and returns the peaks (summed RSS, summed PSS), KiB.
+    pub fn finish(mut self) -> (u64, u64) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        self.peak.load(Ordering::Relaxed)
+        (
+            self.peak.load(Ordering::Relaxed),
+            self.peak_pss.load(Ordering::Relaxed),
+        )
     }
 }
 
@@ -180,7 +206,8 @@ mod tests {
         assert!(children(me).contains(&child.id()));
         let sampler = PeakSampler::start(me);
         std::thread::sleep(Duration::from_millis(150));
-        assert!(sampler.finish() > 0);
+        let (rss, pss) = sampler.finish();
+        assert!(rss > 0 && pss > 0 && pss <= rss + 1024, "{rss} {pss}");
         let mut child = child;
         child.kill().unwrap();
         child.wait().unwrap();

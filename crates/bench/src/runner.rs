@@ -54,6 +54,8 @@ pub struct RunOptions {
     pub rate: Option<f64>,
     /// Messages of the 50 KB row (0 skips it).
     pub fifty_kb_messages: u64,
+    /// Open-loop rate of the second 50 KB row (0 skips it).
+    pub fifty_kb_rate: f64,
     /// Messages of each acceptance-only scale row.
     pub accept_messages: u64,
     /// Messages already queued for the scale rows (0 skips them).
@@ -171,25 +173,22 @@ impl Env {
         ));
         let tag = lo.tag.clone();
         let cpu0 = group_cpu_secs(pid)?;
+        let own0 = own_cpu_secs();
         let sampler = PeakSampler::start(pid);
         let report = load::run(lo).await?;
         self.wait_delivered(&tag, report.accepted, label).await?;
         let cpu1 = group_cpu_secs(pid)?;
-        let sampled = sampler.finish();
+        let (sampled, pss) = sampler.finish();
         let peak_kb = if group_rss {
             sampled
         } else {
             status_kb(pid, "VmHWM").unwrap_or(sampled)
         };
         let sink = self.sink.report(&tag);
-        Ok(Row::new(
-            label,
-            system,
-            report,
-            Some(sink),
-            peak_kb,
-            cpu1 - cpu0,
-        ))
+        let mut row = Row::new(label, system, report, Some(sink), peak_kb, cpu1 - cpu0);
+        row.peak_pss_kb = Some(pss);
+        row.bench_cpu_secs = own_cpu_secs() - own0;
+        Ok(row)
     }
 
     async fn accept_row(&self, label: &str, lo: LoadOptions, pid: u32) -> Result<Row, BenchError> {
@@ -407,13 +406,28 @@ pub async fn run(opts: RunOptions) -> Result<Report, BenchError> {
     relay.stop();
     report.rows.push(row.map_err(|e| with_log(e, &log))?);
 
-    // 3. The latency target's load: 50 KB messages only.
-    if opts.fifty_kb_messages > 0 {
-        let relay = env.start_relay("sealpost-50k", false).await?;
-        let mut lo = env.load_opts("sealpost-50k", relay.plain, Security::Plain);
+    // 3. The latency target's load: 50 KB messages only, closed loop (saturation) and open
+    //    loop at a fixed rate (latency below saturation).
+    let rate = (opts.fifty_kb_rate > 0.0).then_some(opts.fifty_kb_rate);
+    for (tag, rate) in [("sealpost-50k", None), ("sealpost-50k-open", rate)] {
+        if opts.fifty_kb_messages == 0 || (tag == "sealpost-50k-open" && rate.is_none()) {
+            continue;
+        }
+        let relay = env.start_relay(tag, false).await?;
+        let mut lo = env.load_opts(tag, relay.plain, Security::Plain);
         lo.total = opts.fifty_kb_messages;
         lo.mix = SizeMix::parse("100:50KB")?;
-        let label = format!("Sealpost, plain, {} sessions × 50 KB", lo.sessions);
+        lo.rate = rate;
+        let label = match rate {
+            None => format!(
+                "Sealpost, plain, {} sessions × 50 KB, closed loop",
+                lo.sessions
+            ),
+            Some(r) => format!(
+                "Sealpost, plain, {} sessions × 50 KB, open loop {r} msg/s",
+                lo.sessions
+            ),
+        };
         let row = env
             .e2e_row(&label, "sealpost", lo, relay.pid(), false)
             .await;
@@ -423,38 +437,32 @@ pub async fn run(opts: RunOptions) -> Result<Report, BenchError> {
     }
 
     // 4. Scale rows (delivery paused): acceptance with 0 and N queued, idle sessions, start time.
-    if opts.accept_messages > 0 || opts.idle_sessions > 0 {
+    if opts.accept_messages > 0 {
         let relay = env.start_relay("scale-empty", true).await?;
-        if opts.accept_messages > 0 {
-            let mut lo = env.load_opts("accept-empty", relay.plain, Security::Plain);
-            lo.total = opts.accept_messages;
-            let row = env
-                .accept_row(
-                    "Sealpost accept only, 0 queued (delivery paused)",
-                    lo,
-                    relay.pid(),
-                )
-                .await;
-            report
-                .rows
-                .push(row.map_err(|e| with_log(e, &relay.log()))?);
-        }
-        if opts.idle_sessions > 0 {
-            say(&format!(
-                "{} idle sessions, plain then STARTTLS",
-                opts.idle_sessions
-            ));
-            let plain = idle_sessions(&relay, opts.idle_sessions, None).await;
-            report
-                .idle
-                .push(plain.map_err(|e| with_log(e, &relay.log()))?);
-            let sec = env.auth_security()?;
-            let tls = idle_sessions(&relay, opts.idle_sessions, Some(&sec)).await;
-            report
-                .idle
-                .push(tls.map_err(|e| with_log(e, &relay.log()))?);
-        }
+        let mut lo = env.load_opts("accept-empty", relay.plain, Security::Plain);
+        lo.total = opts.accept_messages;
+        let row = env
+            .accept_row(
+                "Sealpost accept only, 0 queued (delivery paused)",
+                lo,
+                relay.pid(),
+            )
+            .await;
+        let log = relay.log();
         relay.stop();
+        report.rows.push(row.map_err(|e| with_log(e, &log))?);
+    }
+    if opts.idle_sessions > 0 {
+        // Each on a fresh process: after a load, freed memory would be reused and hide the cost.
+        let sec = env.auth_security()?;
+        for (name, tls) in [("idle-plain", None), ("idle-tls", Some(&sec))] {
+            say(&format!("{} idle sessions ({name})", opts.idle_sessions));
+            let relay = env.start_relay(name, true).await?;
+            let idle = idle_sessions(&relay, opts.idle_sessions, tls).await;
+            let log = relay.log();
+            relay.stop();
+            report.idle.push(idle.map_err(|e| with_log(e, &log))?);
+        }
     }
     if opts.queued > 0 {
         let dir = work.join("scale-queued");
@@ -488,6 +496,13 @@ pub async fn run(opts: RunOptions) -> Result<Report, BenchError> {
     report.sink_session_errors = env.sink.session_errors();
     report.finish();
     Ok(report)
+}
+
+/// CPU seconds of this process (load generator, sink, DNS and sampler threads).
+fn own_cpu_secs() -> f64 {
+    crate::procfs::stat(std::process::id())
+        .map(|s| (s.utime + s.stime) as f64 / crate::procfs::clk_tck() as f64)
+        .unwrap_or(0.0)
 }
 
 fn with_log(e: BenchError, log: &str) -> BenchError {

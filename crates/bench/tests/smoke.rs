@@ -75,7 +75,8 @@ fn benchmark_runs_end_to_end_with_sane_numbers() {
             "--auth-sessions",
             "3",
         ])
-        .args(["--fifty-kb-messages", "100", "--accept-messages", "200"])
+        .args(["--fifty-kb-messages", "100", "--fifty-kb-rate", "100"])
+        .args(["--accept-messages", "200"])
         .args(["--queued", "2000", "--idle-sessions", "50"])
         .args(["--delivery-timeout", "60", "--quiet"])
         .args(["--postfix", if with_postfix { "require" } else { "skip" }])
@@ -102,6 +103,7 @@ fn benchmark_runs_end_to_end_with_sane_numbers() {
         ("sealpost-plain", 200),
         ("sealpost-auth", 200),
         ("sealpost-50k", 100),
+        ("sealpost-50k-open", 100),
     ];
     if with_postfix {
         e2e.push(("postfix-plain", 200));
@@ -170,5 +172,5 @@ fn benchmark_runs_end_to_end_with_sane_numbers() {
         assert_eq!(i["sessions"], 50, "{i}");
         assert!(i["rss_after_kb"].as_u64().unwrap() > 0, "{i}");
     }
-    assert_eq!(report["targets"].as_array().unwrap().len(), 5);
+    assert_eq!(report["targets"].as_array().unwrap().len(), 6);
 }
