@@ -579,7 +579,10 @@ impl Command {
                 if !opts.smtputf8 && !line.is_ascii() {
                     // 8-bit in the address is an address the session cannot take (553 5.6.7,
                     // RFC 6531 §3.4); 8-bit elsewhere is a malformed command (500 5.5.2).
-                    let first_8bit = line.iter().position(|b| !b.is_ascii()).unwrap_or(line.len());
+                    let first_8bit = line
+                        .iter()
+                        .position(|b| !b.is_ascii())
+                        .unwrap_or(line.len());
                     let path_end = line.iter().position(|&b| b == b'>').unwrap_or(line.len());
                     return Err(if first_8bit < path_end {
                         CommandError::RcptAddress(AddressError::NonAscii)
