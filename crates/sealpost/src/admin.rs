@@ -77,8 +77,26 @@ fn parse_id(req: &Request) -> Result<QueueId> {
         .map_err(|e| anyhow!("`{text}` is not a queue id: {e}"))
 }
 
-/// Runs one operation and renders its output; mutating operations are audited.
+/// Runs one operation and renders its output; every operation is audited.
 pub async fn execute(queue: &Queue, audit: &AuditLog, req: &Request) -> Result<String> {
+    // Reads are audited too: `show` reveals senders and recipients (HIPAA 164.312(b)).
+    if matches!(req.op, Op::List | Op::Show | Op::Stats) {
+        let mut rec = Record::new(Event::Admin)
+            .detail("action", format!("{:?}", req.op).to_lowercase())
+            .detail("by", req.who.clone());
+        if let Some(id) = &req.id {
+            rec = rec.queue_id(
+                id.chars()
+                    .filter(|c| c.is_ascii_hexdigit())
+                    .take(32)
+                    .collect::<String>(),
+            );
+        }
+        audit
+            .record(rec)
+            .await
+            .context("recording the admin action in the audit log")?;
+    }
     let out = match req.op {
         Op::List => {
             let list = queue.list().await?;
