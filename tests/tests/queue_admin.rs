@@ -78,7 +78,9 @@ async fn admin_operations_work_live_and_offline_and_are_audited() {
         .filter(|v| v["event"] == "admin")
         .map(|v| format!("{} {}", v["detail"]["action"], v["queue_id"]))
         .collect();
-    for action in ["list", "show", "stats", "hold", "release", "retry", "delete"] {
+    for action in [
+        "list", "show", "stats", "hold", "release", "retry", "delete",
+    ] {
         assert!(
             admin.iter().any(|l| l.contains(action)),
             "no audited {action}: {admin:?}"
