@@ -4,6 +4,7 @@ mod admin;
 mod certs;
 mod http;
 mod logging;
+mod progress;
 mod serve;
 mod systemd;
 
@@ -236,6 +237,12 @@ fn current_uid() -> u32 {
 }
 
 async fn queue_command(config: sealpost_config::Config, req: admin::Request) -> Result<ExitCode> {
+    // Listing or re-encrypting a large queue takes a while: show that something is happening.
+    let _spinner = matches!(
+        req.op,
+        admin::Op::List | admin::Op::Stats | admin::Op::Rekey
+    )
+    .then(|| progress::Spinner::start("working on the queue…"));
     let response = match admin::call(&config.admin_socket(), &req).await? {
         Some(r) => r,
         None => {
