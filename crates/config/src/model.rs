@@ -187,6 +187,8 @@ pub struct Queue {
     pub retry: Vec<HumanDuration>,
     /// After this long undelivered recipients expire and bounce.
     pub lifetime: HumanDuration,
+    /// After this long a still-undelivered recipient's sender gets one delay notice; absent: off.
+    pub delay_notice: Option<HumanDuration>,
 }
 
 impl Default for Queue {
@@ -203,6 +205,7 @@ impl Default for Queue {
             max_recipients: 50,
             retry,
             lifetime: HumanDuration(Duration::from_secs(5 * 86_400)),
+            delay_notice: None,
         }
     }
 }

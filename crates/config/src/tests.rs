@@ -257,3 +257,19 @@ fn delivery_paused_defaults_off_parses_and_rejects_non_bool() {
         .to_string();
     assert!(err.contains("paused"), "{err}");
 }
+
+#[test]
+fn delay_notice_is_off_by_default_parses_and_must_be_shorter_than_lifetime() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Config::load(&write(&dir, &minimal())).unwrap();
+    assert_eq!(c.queue.delay_notice, None);
+    let text = minimal() + "\n[queue]\ndelay_notice = \"4h\"\nlifetime = \"1d\"\n";
+    let c = Config::load(&write(&dir, &text)).unwrap();
+    assert_eq!(
+        c.queue.delay_notice.map(|d| d.0),
+        Some(Duration::from_secs(4 * 3600))
+    );
+    let text = minimal() + "\n[queue]\ndelay_notice = \"2d\"\nlifetime = \"1d\"\n";
+    let p = problems(Config::load(&write(&dir, &text)).unwrap_err());
+    assert!(p.iter().any(|p| p.key == "queue.delay_notice"), "{p:?}");
+}

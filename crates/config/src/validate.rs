@@ -209,6 +209,15 @@ pub(crate) fn validate(c: &Config, origin: &dyn Fn(&str) -> String) -> Vec<Probl
         v.positive(&format!("queue.retry[{i}]"), d.0);
     }
     v.positive("queue.lifetime", q.lifetime.0);
+    if let Some(d) = q.delay_notice {
+        v.positive("queue.delay_notice", d.0);
+        if d.0 >= q.lifetime.0 {
+            v.add(
+                "queue.delay_notice",
+                "must be shorter than queue.lifetime (the message expires and bounces first)",
+            );
+        }
+    }
     for (i, p) in q.previous_key_files.iter().enumerate() {
         v.file_exists(format!("queue.previous_key_files[{i}]"), p);
     }

@@ -204,6 +204,7 @@ impl Inner {
                         orcpt: spec.orcpt.clone(),
                         attempts: rcpt.attempts,
                         last_error: rcpt.last_error.clone(),
+                        delay_notified: rcpt.delay_notified,
                         previous,
                     });
                 }
@@ -274,6 +275,24 @@ impl Inner {
                     rcpt.state = next;
                     rcpt.resume = None;
                 }
+            }
+            Ok(())
+        })
+    }
+
+    /// Records that a delay notice was sent for the recipients at `indices`.
+    pub(crate) fn mark_delay_notified(
+        &self,
+        id: QueueId,
+        indices: Vec<usize>,
+    ) -> Result<(), QueueError> {
+        self.update(id, "recording a delay notice", move |record| {
+            for index in indices {
+                record
+                    .recipients
+                    .get_mut(index)
+                    .ok_or(QueueError::NoSuchRecipient { id, index })?
+                    .delay_notified = true;
             }
             Ok(())
         })

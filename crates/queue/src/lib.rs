@@ -79,6 +79,8 @@ pub struct LeasedRecipient {
     pub attempts: u32,
     /// The last error.
     pub last_error: Option<String>,
+    /// A delay notice was already sent for this recipient.
+    pub delay_notified: bool,
     /// The state before this lease (Pending, Deferred or Held tells the worker where it stands).
     pub previous: RecipientState,
 }
@@ -247,6 +249,16 @@ impl Queue {
         results: Vec<(usize, Outcome)>,
     ) -> Result<(), QueueError> {
         self.blocking(move |inner| inner.complete(id, results))
+            .await
+    }
+
+    /// Records that a delay notice went out for these recipients, so none is sent twice.
+    pub async fn mark_delay_notified(
+        &self,
+        id: QueueId,
+        indices: Vec<usize>,
+    ) -> Result<(), QueueError> {
+        self.blocking(move |inner| inner.mark_delay_notified(id, indices))
             .await
     }
 

@@ -100,6 +100,9 @@ pub(crate) struct RecipientRecord {
     pub(crate) last_error: Option<String>,
     /// The state to return to after a lease (InFlight) or an admin hold.
     pub(crate) resume: Option<RecipientState>,
+    /// A delay notice was sent for this recipient (absent in records from older versions).
+    #[serde(default)]
+    pub(crate) delay_notified: bool,
 }
 
 /// The stored (encrypted) record of one message.
@@ -122,6 +125,7 @@ impl MessageRecord {
                 attempts: 0,
                 last_error: None,
                 resume: None,
+                delay_notified: false,
             })
             .collect();
         MessageRecord {

@@ -657,3 +657,40 @@ async fn due_index_is_rebuilt_from_records_on_open() {
     let leases = q.lease_due(SystemTime::now(), 10).await.unwrap();
     assert_eq!(leases.iter().map(|l| l.id).collect::<Vec<_>>(), vec![id]);
 }
+
+#[tokio::test]
+async fn delay_notified_flag_survives_outcomes_and_reopen_and_old_records_decode() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = {
+        let q = open(dir.path());
+        let id = q
+            .enqueue(envelope("a@x", &["b@y", "c@y"]), b"b".to_vec())
+            .await
+            .unwrap();
+        let leases = q.lease_due(SystemTime::now(), 1).await.unwrap();
+        assert!(leases[0].recipients.iter().all(|r| !r.delay_notified));
+        q.mark_delay_notified(id, vec![1]).await.unwrap();
+        let deferred = |r: &str| Outcome::Deferred { reason: r.into() };
+        q.complete(id, vec![(0, deferred("x")), (1, deferred("y"))])
+            .await
+            .unwrap();
+        assert!(matches!(
+            q.mark_delay_notified(id, vec![7]).await,
+            Err(QueueError::NoSuchRecipient { index: 7, .. })
+        ));
+        id
+    };
+    let q = open(dir.path());
+    q.retry(id).await.unwrap();
+    let leases = q.lease_due(later(1), 1).await.unwrap();
+    let flags: Vec<bool> = leases[0]
+        .recipients
+        .iter()
+        .map(|r| r.delay_notified)
+        .collect();
+    assert_eq!(flags, vec![false, true]);
+    // A record written before the field existed still decodes, as "not notified".
+    let old = r#"{"state":"Pending","attempts":0,"last_error":null,"resume":null}"#;
+    let rec: crate::record::RecipientRecord = serde_json::from_str(old).unwrap();
+    assert!(!rec.delay_notified);
+}
