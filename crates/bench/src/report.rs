@@ -32,6 +32,8 @@ pub struct Row {
     /// CPU seconds the benchmark process itself used during the row (load generator and
     /// sink share the machine with the system under test).
     pub bench_cpu_secs: f64,
+    /// TLS handshakes the sink completed during the row (connections the relay opened).
+    pub tls_handshakes: Option<u64>,
 }
 
 impl Row {
@@ -60,6 +62,7 @@ impl Row {
             cpu_secs,
             cpu_per_1k,
             bench_cpu_secs: 0.0,
+            tls_handshakes: None,
         }
     }
 }
@@ -277,6 +280,9 @@ impl Report {
                     "{} refused, {} session errors",
                     r.load.refused, r.load.errors
                 ));
+            }
+            if let Some(h) = r.tls_handshakes {
+                notes.push(format!("{h} TLS handshakes at the sink"));
             }
             if r.bench_cpu_secs > 0.0 {
                 notes.push(format!(

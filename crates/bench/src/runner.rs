@@ -174,6 +174,7 @@ impl Env {
         let tag = lo.tag.clone();
         let cpu0 = group_cpu_secs(pid)?;
         let own0 = own_cpu_secs();
+        let hs0 = self.sink.handshakes();
         let sampler = PeakSampler::start(pid);
         let report = load::run(lo).await?;
         self.wait_delivered(&tag, report.accepted, label).await?;
@@ -188,6 +189,7 @@ impl Env {
         let mut row = Row::new(label, system, report, Some(sink), peak_kb, cpu1 - cpu0);
         row.peak_pss_kb = Some(pss);
         row.bench_cpu_secs = own_cpu_secs() - own0;
+        row.tls_handshakes = Some(self.sink.handshakes() - hs0);
         Ok(row)
     }
 

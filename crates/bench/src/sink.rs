@@ -37,6 +37,7 @@ struct State {
     tags: Mutex<HashMap<String, TagStats>>,
     total: AtomicU64,
     session_errors: AtomicU64,
+    handshakes: AtomicU64,
 }
 
 /// A running sink; its tasks live as long as the runtime.
@@ -103,6 +104,7 @@ impl Sink {
             tags: Mutex::default(),
             total: AtomicU64::new(0),
             session_errors: AtomicU64::new(0),
+            handshakes: AtomicU64::new(0),
         });
         let s = state.clone();
         tokio::spawn(async move {
@@ -131,6 +133,11 @@ impl Sink {
     /// Sessions that ended with an error (not counting clean QUITs or closes).
     pub fn session_errors(&self) -> u64 {
         self.state.session_errors.load(Ordering::Relaxed)
+    }
+
+    /// Completed TLS handshakes so far.
+    pub fn handshakes(&self) -> u64 {
+        self.state.handshakes.load(Ordering::Relaxed)
     }
 
     /// Messages received for `tag`.
@@ -230,6 +237,7 @@ async fn serve(state: Arc<State>, stream: Stream) -> Result<(), BenchError> {
                     .accept(tcp)
                     .await
                     .map_err(|e| BenchError::net("sink TLS handshake", e))?;
+                state.handshakes.fetch_add(1, Ordering::Relaxed);
                 let conn = t.get_ref().1;
                 tls = Some(format!(
                     "{:?} {:?}",
@@ -348,6 +356,7 @@ mod tests {
         c.quit().await;
         let rep = sink.report("tag-tls");
         assert_eq!((rep.messages, rep.over_tls), (1, 1));
+        assert_eq!(sink.handshakes(), 2, "the AUTH attempt and this session");
         assert_eq!(rep.tls.keys().count(), 1);
         assert!(
             rep.tls.keys().all(|k| k.starts_with("TLSv1_3")),

@@ -153,6 +153,11 @@ fn benchmark_runs_end_to_end_with_sane_numbers() {
             "{tag}: {delivered} vs {accepted}"
         );
         assert!(r["cpu_secs"].as_f64().unwrap() > 0.0, "{tag}");
+        let handshakes = r["tls_handshakes"].as_u64().unwrap();
+        assert!(
+            handshakes >= 1 && handshakes <= n,
+            "{tag}: {handshakes} handshakes"
+        );
         let rss = r["peak_rss_kb"].as_u64().unwrap();
         assert!(
             rss > 1024 && rss < 4 * 1024 * 1024,
