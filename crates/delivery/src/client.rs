@@ -144,6 +144,22 @@ pub enum SessionError {
     BareLineEnding,
 }
 
+/// Why SMTP AUTH at a smarthost did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// The server announces no mechanism Sealpost speaks (PLAIN, LOGIN).
+    #[error(
+        "the server offers no AUTH mechanism Sealpost speaks (PLAIN, LOGIN); it offers: [{0}]"
+    )]
+    NoMechanism(String),
+    /// The server refused the credentials or the exchange.
+    #[error("authentication refused: {0}")]
+    Refused(String),
+    /// The connection failed during the exchange.
+    #[error(transparent)]
+    Session(#[from] SessionError),
+}
+
 /// An open, policy-approved SMTP session to one MX address.
 pub struct Session {
     reader: LineReader<TlsStream<TcpStream>>,
@@ -182,8 +198,17 @@ fn step_verdict(err: &SessionError) -> Verdict {
     }
 }
 
-/// Connects to `ip` (MX `mx`), requires STARTTLS and lets only a peer accepted by `judge`
-/// through. Every outcome carries the evidence for the audit log.
+/// How a connection gets to TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsStart {
+    /// Plaintext greeting and EHLO, then STARTTLS (required).
+    Starttls,
+    /// TLS from the first byte (SMTPS); the greeting comes over TLS.
+    Implicit,
+}
+
+/// Connects to `ip` (MX `mx`) on the delivery port, requires STARTTLS and lets only a peer
+/// accepted by `judge` through. Every outcome carries the evidence for the audit log.
 pub async fn open(
     settings: &ClientSettings,
     trust: &TrustStore,
@@ -191,7 +216,28 @@ pub async fn open(
     mx: &str,
     ip: IpAddr,
 ) -> Result<Session, OpenError> {
-    let addr = SocketAddr::new(ip, settings.port);
+    open_at(
+        settings,
+        trust,
+        spec,
+        mx,
+        SocketAddr::new(ip, settings.port),
+        TlsStart::Starttls,
+    )
+    .await
+}
+
+/// Like [`open`] for any address and either way to TLS (smarthosts); the certificate must
+/// name `host`.
+pub async fn open_at(
+    settings: &ClientSettings,
+    trust: &TrustStore,
+    spec: &PolicySpec,
+    mx: &str,
+    addr: SocketAddr,
+    start: TlsStart,
+) -> Result<Session, OpenError> {
+    let ip = addr.ip();
     let tcp = match timeout(settings.connect_timeout, TcpStream::connect(addr)).await {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(e)) => {
@@ -214,9 +260,93 @@ pub async fn open(
         }
     };
     let _ = tcp.set_nodelay(true);
+    let ehlo_line = format!("EHLO {}\r\n", settings.helo_name);
+    let tcp = match start {
+        TlsStart::Starttls => starttls(settings, spec, mx, ip, tcp, &ehlo_line).await?,
+        TlsStart::Implicit => tcp,
+    };
+    let (tls_connector, recorder) = connector(spec, trust, mx)
+        .map_err(|e| rejected(spec, mx, ip, Verdict::HandshakeFailed, e.to_string()))?;
+
+    let evidence = match timeout(
+        settings.tls_timeout,
+        tls_connector.connect(recorder.server_name(), tcp),
+    )
+    .await
+    {
+        Ok(Ok(tls)) => {
+            let evidence = Evidence::from_handshake(&recorder, Some(ip), tls.get_ref().1);
+            (evidence, Some(tls))
+        }
+        Ok(Err(e)) => (
+            Evidence::from_handshake_error(&recorder, Some(ip), &e),
+            None,
+        ),
+        Err(_) => {
+            let e = io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out");
+            (
+                Evidence::from_handshake_error(&recorder, Some(ip), &e),
+                None,
+            )
+        }
+    };
+    let (evidence, tls) = evidence;
+    let peer = judge(spec, evidence).map_err(|r| OpenError::Rejected(r.evidence))?;
+    let Some(tls) = tls else {
+        // judge only accepts evidence of a completed handshake; keep the type system honest.
+        return Err(OpenError::Rejected(Box::new(peer.into_evidence())));
+    };
+    let mut reader = LineReader::new(tls);
+    let session_fail = |peer: &AcceptedPeer, detail: String| OpenError::Session {
+        evidence: Box::new(peer.evidence().clone()),
+        detail,
+    };
+    if start == TlsStart::Implicit {
+        match reply_within(&mut reader, settings.greeting_timeout, "greeting").await {
+            Ok(g) if g.code == 220 => {}
+            Ok(g) => return Err(session_fail(&peer, format!("greeting refused: {g}"))),
+            Err(e) => return Err(session_fail(&peer, e.to_string())),
+        }
+    }
+    let reply = match command(
+        &mut reader,
+        &ehlo_line,
+        settings.command_timeout,
+        "EHLO after STARTTLS",
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(e) => return Err(session_fail(&peer, e.to_string())),
+    };
+    if reply.code != 250 {
+        return Err(session_fail(
+            &peer,
+            format!("EHLO after STARTTLS refused: {reply}"),
+        ));
+    }
+    Ok(Session {
+        reader,
+        ehlo: EhloInfo::from_reply(&reply),
+        peer,
+        ip,
+        settings: settings.clone(),
+        transactions: 0,
+    })
+}
+
+/// The plaintext part of a STARTTLS connection: greeting, EHLO, STARTTLS; returns the TCP
+/// stream ready for the handshake.
+async fn starttls(
+    settings: &ClientSettings,
+    spec: &PolicySpec,
+    mx: &str,
+    ip: IpAddr,
+    tcp: TcpStream,
+    ehlo_line: &str,
+) -> Result<TcpStream, OpenError> {
     let mut plain = LineReader::new(tcp);
     let fail = |e: SessionError| rejected(spec, mx, ip, step_verdict(&e), e.to_string());
-
     let greeting = reply_within(&mut plain, settings.greeting_timeout, "greeting")
         .await
         .map_err(fail)?;
@@ -229,8 +359,7 @@ pub async fn open(
             format!("greeting refused: {greeting}"),
         ));
     }
-    let ehlo_line = format!("EHLO {}\r\n", settings.helo_name);
-    let reply = command(&mut plain, &ehlo_line, settings.command_timeout, "EHLO")
+    let reply = command(&mut plain, ehlo_line, settings.command_timeout, "EHLO")
         .await
         .map_err(fail)?;
     if reply.code != 250 {
@@ -277,66 +406,7 @@ pub async fn open(
             "discarding plaintext sent after STARTTLS 220"
         );
     }
-    let (tls_connector, recorder) = connector(spec, trust, mx)
-        .map_err(|e| rejected(spec, mx, ip, Verdict::HandshakeFailed, e.to_string()))?;
-    let evidence = match timeout(
-        settings.tls_timeout,
-        tls_connector.connect(recorder.server_name(), tcp),
-    )
-    .await
-    {
-        Ok(Ok(tls)) => {
-            let evidence = Evidence::from_handshake(&recorder, Some(ip), tls.get_ref().1);
-            (evidence, Some(tls))
-        }
-        Ok(Err(e)) => (
-            Evidence::from_handshake_error(&recorder, Some(ip), &e),
-            None,
-        ),
-        Err(_) => {
-            let e = io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out");
-            (
-                Evidence::from_handshake_error(&recorder, Some(ip), &e),
-                None,
-            )
-        }
-    };
-    let (evidence, tls) = evidence;
-    let peer = judge(spec, evidence).map_err(|r| OpenError::Rejected(r.evidence))?;
-    let Some(tls) = tls else {
-        // judge only accepts evidence of a completed handshake; keep the type system honest.
-        return Err(OpenError::Rejected(Box::new(peer.into_evidence())));
-    };
-    let mut reader = LineReader::new(tls);
-    let session_fail = |peer: &AcceptedPeer, detail: String| OpenError::Session {
-        evidence: Box::new(peer.evidence().clone()),
-        detail,
-    };
-    let reply = match command(
-        &mut reader,
-        &ehlo_line,
-        settings.command_timeout,
-        "EHLO after STARTTLS",
-    )
-    .await
-    {
-        Ok(r) => r,
-        Err(e) => return Err(session_fail(&peer, e.to_string())),
-    };
-    if reply.code != 250 {
-        return Err(session_fail(
-            &peer,
-            format!("EHLO after STARTTLS refused: {reply}"),
-        ));
-    }
-    Ok(Session {
-        reader,
-        ehlo: EhloInfo::from_reply(&reply),
-        peer,
-        ip,
-        settings: settings.clone(),
-        transactions: 0,
-    })
+    Ok(tcp)
 }
 
 impl Session {
@@ -458,6 +528,42 @@ impl Session {
             .into_iter()
             .map(|r| r.unwrap_or_else(|| final_result.clone()))
             .collect())
+    }
+
+    /// Authenticates with AUTH PLAIN (or LOGIN if PLAIN is not offered); the password is
+    /// never logged.
+    pub async fn authenticate(&mut self, user: &str, password: &str) -> Result<(), AuthError> {
+        use base64::Engine as _;
+        let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+        let t = self.settings.command_timeout;
+        let offers = |m: &str| self.ehlo.auth.iter().any(|a| a == m);
+        let reply = if offers("PLAIN") {
+            let token = b64(format!("\0{user}\0{password}").as_bytes());
+            command(
+                &mut self.reader,
+                &format!("AUTH PLAIN {token}\r\n"),
+                t,
+                "AUTH",
+            )
+            .await?
+        } else if offers("LOGIN") {
+            let mut reply = command(&mut self.reader, "AUTH LOGIN\r\n", t, "AUTH").await?;
+            for secret in [user, password] {
+                if reply.code != 334 {
+                    return Err(AuthError::Refused(reply.to_string()));
+                }
+                let line = format!("{}\r\n", b64(secret.as_bytes()));
+                reply = command(&mut self.reader, &line, t, "AUTH").await?;
+            }
+            reply
+        } else {
+            return Err(AuthError::NoMechanism(self.ehlo.auth.join(" ")));
+        };
+        if reply.code == 235 {
+            Ok(())
+        } else {
+            Err(AuthError::Refused(reply.to_string()))
+        }
     }
 
     /// Sends RSET; false if the session is no longer usable.

@@ -1,6 +1,9 @@
 //! The queue manager: leases due messages, delivers each recipient domain under its policy,
 //! reports outcomes to the queue and the audit log, and applies the fallback chain.
 
+mod notices;
+mod relay;
+
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -18,8 +21,10 @@ use crate::client::{
 };
 use crate::dns::{HostAddrs, MxAnswer, MxResolver};
 use crate::error::DeliveryError;
-use crate::fallback::{decide, step_name, FallbackAction};
+use crate::fallback::{decide_from, step_name, FallbackAction};
 use crate::pool::{Pool, PoolKey};
+use crate::smarthost::{resolve_smarthosts, SmarthostTarget};
+use notices::Failure;
 
 /// How long a verified session may sit idle before it is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -61,7 +66,17 @@ struct Inner {
     retry: Vec<Duration>,
     policies: HashMap<String, ResolvedPolicy>,
     domains: HashMap<String, String>,
+    smarthosts: HashMap<String, SmarthostTarget>,
+    delay_notice: Option<Duration>,
     max_messages: usize,
+}
+
+/// A recipient's result after a round, before reports go to the sender.
+enum Fate {
+    /// An outcome to record as is, with the evidence of the last rejected MX if any.
+    Done(Outcome, Option<Box<Evidence>>),
+    /// Failed for good: reported to the sender (or dropped for a null sender).
+    Bounce(Failure),
 }
 
 /// Builds the policy table from `[policies]` (plus the built-in `phi` if not configured).
@@ -110,6 +125,7 @@ impl Engine {
             config.delivery.connect_timeout.0,
         );
         let max = config.delivery.max_connections.max(1);
+        let policies = resolve_policies(config)?;
         let inner = Inner {
             queue,
             audit,
@@ -124,7 +140,9 @@ impl Engine {
             hostname: config.server.hostname.to_ascii_lowercase(),
             listeners: config.listeners.iter().map(|l| l.address).collect(),
             retry: config.queue.retry.iter().map(|d| d.0).collect(),
-            policies: resolve_policies(config)?,
+            smarthosts: resolve_smarthosts(config, &policies),
+            delay_notice: config.queue.delay_notice.map(|d| d.0),
+            policies,
             domains: config
                 .domains
                 .iter()
@@ -285,25 +303,7 @@ impl Inner {
         let id = lease.id;
         let now = SystemTime::now();
         if self.queue.expired(&lease, now) {
-            let mut results = Vec::new();
-            for r in &lease.recipients {
-                let last = r.last_error.clone().unwrap_or_else(|| "none".to_owned());
-                let reason = format!(
-                    "5.4.7 expired: not delivered within the queue lifetime of {}; last error: {last}",
-                    sealpost_config::format_duration(self.queue.lifetime())
-                );
-                self.audit(
-                    Record::new(Event::Expired)
-                        .queue_id(id.to_string())
-                        .recipient(r.address.clone())
-                        .detail("reason", reason.clone())
-                        .detail("attempts", r.attempts),
-                )
-                .await;
-                results.push((r.index, Outcome::Failed { reason }));
-            }
-            tracing::warn!(queue_id = %id, recipients = results.len(), "message expired");
-            self.complete(id, results).await;
+            self.expire(&lease).await;
             return;
         }
         let body = match self.queue.body(id).await {
@@ -324,21 +324,16 @@ impl Inner {
         };
         let lease = Arc::new(lease);
         let mut by_domain: BTreeMap<String, Vec<LeasedRecipient>> = BTreeMap::new();
-        let mut results = Vec::new();
+        let mut fates = Vec::new();
         for r in &lease.recipients {
             match domain_of(&r.address) {
                 Some(d) => by_domain.entry(d).or_default().push(r.clone()),
                 None => {
                     let reason = "5.1.3 recipient address has no domain".to_owned();
-                    self.audit(
-                        Record::new(Event::Bounced)
-                            .queue_id(id.to_string())
-                            .recipient(r.address.clone())
-                            .detail("reason", reason.clone())
-                            .detail("dsn", "not_generated"),
-                    )
-                    .await;
-                    results.push((r.index, Outcome::Failed { reason }));
+                    let words =
+                        "the recipient address has no domain, so there is no server to deliver to"
+                            .to_owned();
+                    fates.push((r.index, Fate::Bounce(Failure::local(reason, words))));
                 }
             }
         }
@@ -353,12 +348,65 @@ impl Inner {
         }
         while let Some(joined) = domains.join_next().await {
             match joined {
-                Ok(r) => results.extend(r),
+                Ok(r) => fates.extend(r),
                 Err(e) => {
                     tracing::error!(queue_id = %id, error = %e, "a domain delivery task failed; its recipients return to the queue when the lease ends")
                 }
             }
         }
+        let mut results = Vec::new();
+        let mut failures = Vec::new();
+        let mut evidence = Vec::new();
+        for (index, fate) in fates {
+            match fate {
+                Fate::Done(outcome, ev) => {
+                    if let Some(ev) = ev {
+                        evidence.push((index, *ev));
+                    }
+                    results.push((index, outcome));
+                }
+                Fate::Bounce(f) => failures.push((index, f)),
+            }
+        }
+        self.delay_notices(&lease, &body, &results, &evidence).await;
+        results.extend(self.bounce(&lease, &body, failures).await);
+        self.complete(id, results).await;
+    }
+
+    /// The queue lifetime is over: audit `expired`, then bounce every leased recipient.
+    async fn expire(&self, lease: &Lease) {
+        let id = lease.id;
+        let lifetime = sealpost_config::format_duration(self.queue.lifetime());
+        let mut failures = Vec::new();
+        for r in &lease.recipients {
+            let last = r.last_error.clone().unwrap_or_else(|| "none".to_owned());
+            let reason = format!(
+                "5.4.7 expired: not delivered within the queue lifetime of {lifetime}; last error: {last}"
+            );
+            self.audit(
+                Record::new(Event::Expired)
+                    .queue_id(id.to_string())
+                    .recipient(r.address.clone())
+                    .detail("reason", reason.clone())
+                    .detail("attempts", r.attempts),
+            )
+            .await;
+            let words = format!(
+                "Sealpost could not deliver the message within the queue lifetime of {lifetime} ({} attempts); the last attempt failed: {last}",
+                r.attempts
+            );
+            failures.push((r.index, Failure::local(reason, words)));
+        }
+        tracing::warn!(queue_id = %id, recipients = failures.len(), "message expired");
+        // The DSN carries the original headers; without a readable body it carries none.
+        let original = match self.queue.body(id).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(queue_id = %id, error = %e, "cannot read the expired message; its DSN carries no headers");
+                Vec::new()
+            }
+        };
+        let results = self.bounce(lease, &original, failures).await;
         self.complete(id, results).await;
     }
 
@@ -374,7 +422,7 @@ impl Inner {
         domain: &str,
         recipients: Vec<LeasedRecipient>,
         body: &[u8],
-    ) -> Vec<(usize, Outcome)> {
+    ) -> Vec<(usize, Fate)> {
         let policy = self.policy_for(domain, &lease.envelope.policy);
         let Some(_permits) = self.pool.permits(domain).await else {
             return self
@@ -389,11 +437,13 @@ impl Inner {
             MxAnswer::NullMx => {
                 let reason =
                     format!("5.1.10 {domain} publishes a null MX (RFC 7505): it accepts no mail");
-                self.all_failed(lease, &recipients, reason).await
+                let words = format!("the recipient's domain {domain} says it accepts no mail (it publishes a null MX record)");
+                all_failed(&recipients, &reason, &words)
             }
             MxAnswer::NoSuchDomain(why) => {
                 let reason = format!("5.1.2 recipient domain {domain} not found ({why})");
-                self.all_failed(lease, &recipients, reason).await
+                let words = format!("the recipient's domain {domain} does not exist");
+                all_failed(&recipients, &reason, &words)
             }
             MxAnswer::Temporary(why) => {
                 let reason = format!("4.4.3 DNS lookup failed temporarily: {why}");
@@ -403,6 +453,7 @@ impl Inner {
                 let mut failures = Vec::new();
                 let mut looped = Vec::new();
                 let mut connected_any = false;
+                let mut last_evidence = None;
                 for host in hosts {
                     if host.name == self.hostname {
                         looped.push(host.name.clone());
@@ -437,7 +488,10 @@ impl Inner {
                                     .transact(lease, &policy, session, &recipients, body)
                                     .await;
                             }
-                            Err(why) => failures.push(why),
+                            Err((why, evidence)) => {
+                                failures.push(why);
+                                last_evidence = Some(evidence);
+                            }
                         }
                     }
                 }
@@ -456,7 +510,8 @@ impl Inner {
                     );
                     return self.all_deferred(lease, &recipients, reason).await;
                 }
-                self.fallback(lease, &policy, &recipients, failures.join("; "))
+                let failures = failures.join("; ");
+                self.fallback(lease, &policy, &recipients, body, &failures, last_evidence)
                     .await
             }
         }
@@ -475,14 +530,14 @@ impl Inner {
     }
 
     /// A session to `mx` at `ip` that passed the policy (reused or new); audits the attempt.
-    /// `Err` is a one-line summary of why this address failed.
+    /// `Err` is a one-line summary of why this address failed, with the evidence.
     async fn session(
         &self,
         lease: &Lease,
         policy: &ResolvedPolicy,
         mx: &str,
         ip: IpAddr,
-    ) -> Result<(Session, PoolKey), String> {
+    ) -> Result<(Session, PoolKey), (String, Box<Evidence>)> {
         let key = PoolKey {
             mx: mx.to_owned(),
             ip,
@@ -534,7 +589,7 @@ impl Inner {
                         .tls(evidence_json(&evidence)),
                 )
                 .await;
-                Err(summary)
+                Err((summary, evidence))
             }
             Err(OpenError::Session { evidence, detail }) => {
                 tracing::warn!(queue_id = %lease.id, mx, %ip, detail, "session failed after a verified handshake");
@@ -547,7 +602,7 @@ impl Inner {
                         .detail("error", detail.clone()),
                 )
                 .await;
-                Err(format!("{mx} [{ip}]: {detail}"))
+                Err((format!("{mx} [{ip}]: {detail}"), evidence))
             }
         }
     }
@@ -559,7 +614,7 @@ impl Inner {
         (mut session, key): (Session, PoolKey),
         recipients: &[LeasedRecipient],
         body: &[u8],
-    ) -> Vec<(usize, Outcome)> {
+    ) -> Vec<(usize, Fate)> {
         let env = &lease.envelope;
         let rcpts: Vec<TxnRecipient> = recipients
             .iter()
@@ -592,28 +647,28 @@ impl Inner {
                         .mx(mx.clone())
                         .ip(ip)
                         .detail("policy", policy.spec.name.clone());
-                    let (rec, outcome) = match result {
-                        RcptResult::Delivered(reply) => (
-                            base.detail("reply", reply),
-                            Outcome::Delivered {
-                                remote: remote.clone(),
-                            },
-                        ),
+                    let fate = match result {
+                        RcptResult::Delivered(reply) => {
+                            self.audit(base.detail("reply", reply)).await;
+                            Fate::Done(
+                                Outcome::Delivered {
+                                    remote: remote.clone(),
+                                },
+                                None,
+                            )
+                        }
                         RcptResult::Deferred(reason) => {
                             let mut rec = base.detail("reason", reason.clone());
                             rec.event = Event::Deferred;
-                            (rec, Outcome::Deferred { reason })
+                            self.audit(rec).await;
+                            Fate::Done(Outcome::Deferred { reason }, None)
                         }
+                        // audited as bounced (or dropped) once the DSN is queued
                         RcptResult::Failed(reason) => {
-                            let mut rec = base
-                                .detail("reason", reason.clone())
-                                .detail("dsn", "not_generated");
-                            rec.event = Event::Bounced;
-                            (rec, Outcome::Failed { reason })
+                            Fate::Bounce(Failure::from_reply(&mx, &reason))
                         }
                     };
-                    self.audit(rec).await;
-                    out.push((r.index, outcome));
+                    out.push((r.index, fate));
                 }
                 tracing::info!(queue_id = %lease.id, mx, recipients = out.len(), "transaction finished");
                 out
@@ -626,78 +681,132 @@ impl Inner {
         }
     }
 
+    /// Applies the policy's fallback chain to recipients no MX accepted: hold, bounce, or relay
+    /// through a smarthost (a failed smarthost continues the chain at the next step).
     async fn fallback(
         &self,
         lease: &Lease,
         policy: &ResolvedPolicy,
         recipients: &[LeasedRecipient],
-        failures: String,
-    ) -> Vec<(usize, Outcome)> {
+        body: &[u8],
+        failures: &str,
+        evidence: Option<Box<Evidence>>,
+    ) -> Vec<(usize, Fate)> {
         let now = SystemTime::now();
         let mut out = Vec::new();
-        for r in recipients {
-            let retry_in = self.retry_in(r.attempts);
-            let base = Record::new(Event::Diverted)
-                .queue_id(lease.id.to_string())
-                .recipient(r.address.clone())
-                .detail("policy", policy.spec.name.clone())
-                .detail("failures", failures.clone());
-            let (rec, outcome) = match decide(&policy.on_failure, lease.arrival, now, retry_in) {
-                FallbackAction::Hold {
-                    step,
-                    retry_at,
-                    ends,
-                } => {
-                    let name = policy
+        let mut pending: Vec<(LeasedRecipient, usize, String)> = recipients
+            .iter()
+            .map(|r| (r.clone(), 0, failures.to_owned()))
+            .collect();
+        while !pending.is_empty() {
+            let mut relays: BTreeMap<(usize, String), (Vec<LeasedRecipient>, String)> =
+                BTreeMap::new();
+            for (r, from, failures) in std::mem::take(&mut pending) {
+                let retry_in = self.retry_in(r.attempts);
+                let base = Record::new(Event::Diverted)
+                    .queue_id(lease.id.to_string())
+                    .recipient(r.address.clone())
+                    .detail("policy", policy.spec.name.clone())
+                    .detail("failures", failures.clone());
+                let action = decide_from(&policy.on_failure, from, lease.arrival, now, retry_in);
+                let name = match &action {
+                    FallbackAction::Hold { step, .. }
+                    | FallbackAction::Bounce { step }
+                    | FallbackAction::Smarthost { step, .. } => policy
                         .on_failure
-                        .get(step)
+                        .get(*step)
                         .map(step_name)
-                        .unwrap_or_default();
-                    let reason = format!(
-                        "4.7.5 no MX passed policy {}: {failures}; held ({name}), retrying the secure path",
-                        policy.spec.name
-                    );
-                    let rec = base
-                        .detail("step", name)
-                        .detail(
-                            "hold_ends",
-                            chrono::DateTime::<chrono::Utc>::from(ends).to_rfc3339(),
-                        )
-                        .detail(
-                            "retry_at",
-                            chrono::DateTime::<chrono::Utc>::from(retry_at).to_rfc3339(),
+                        .unwrap_or_default(),
+                    FallbackAction::Unavailable { name, .. } => name.clone(),
+                    FallbackAction::Exhausted => String::new(),
+                };
+                let policy_name = &policy.spec.name;
+                let fate = match action {
+                    FallbackAction::Hold {
+                        step,
+                        retry_at,
+                        ends,
+                    } => {
+                        let reason = format!(
+                            "4.7.5 no MX passed policy {policy_name}: {failures}; held ({name}), retrying the secure path"
                         );
-                    let step = u32::try_from(step).unwrap_or(u32::MAX);
-                    (
-                        rec,
-                        Outcome::Held {
+                        let rec = base
+                            .detail("step", name)
+                            .detail("reason", reason.clone())
+                            .detail("hold_ends", rfc3339(ends))
+                            .detail("retry_at", rfc3339(retry_at));
+                        self.audit(rec).await;
+                        let step = u32::try_from(step).unwrap_or(u32::MAX);
+                        let outcome = Outcome::Held {
                             until: retry_at,
                             step,
                             reason,
-                        },
-                    )
-                }
-                FallbackAction::Unavailable { name, .. } => {
-                    let reason = format!(
-                        "4.7.5 no MX passed policy {}: {failures}; fallback step `{name}` is not available in this version, so the recipient stays queued and the secure path is retried",
-                        policy.spec.name
-                    );
-                    let mut rec = base.detail("step", name).detail("reason", reason.clone());
-                    rec.event = Event::Deferred;
-                    (rec, Outcome::Deferred { reason })
-                }
-                FallbackAction::Exhausted => {
-                    let reason = format!(
-                        "4.7.5 no MX passed policy {}: {failures}; fallback chain used up, retrying the secure path",
-                        policy.spec.name
-                    );
-                    let mut rec = base.detail("reason", reason.clone());
-                    rec.event = Event::Deferred;
-                    (rec, Outcome::Deferred { reason })
-                }
-            };
-            self.audit(rec).await;
-            out.push((r.index, outcome));
+                        };
+                        Fate::Done(outcome, evidence.clone())
+                    }
+                    FallbackAction::Bounce { .. } => {
+                        let reason = format!(
+                            "no MX passed policy {policy_name}: {failures}; bounced (fallback step `{name}`)"
+                        );
+                        self.audit(base.detail("step", name).detail("reason", reason.clone()))
+                            .await;
+                        let failure = match &evidence {
+                            Some(ev) => {
+                                let f = Failure::from_evidence(ev, String::new());
+                                Failure {
+                                    reason: format!("{} {reason}", f.status),
+                                    ..f
+                                }
+                            }
+                            None => Failure::local(format!("5.7.5 {reason}"), reason.clone()),
+                        };
+                        Fate::Bounce(failure)
+                    }
+                    FallbackAction::Smarthost { step, name: host } => {
+                        let reason = format!(
+                            "no MX passed policy {policy_name}: {failures}; relaying through smarthost `{host}`"
+                        );
+                        self.audit(base.detail("step", name).detail("reason", reason))
+                            .await;
+                        relays
+                            .entry((step, host))
+                            .or_insert_with(|| (Vec::new(), failures.clone()))
+                            .0
+                            .push(r);
+                        continue;
+                    }
+                    FallbackAction::Unavailable { .. } => {
+                        let reason = format!(
+                            "4.7.5 no MX passed policy {policy_name}: {failures}; fallback step `{name}` is not available in this version, so the recipient stays queued and the secure path is retried"
+                        );
+                        let mut rec = base.detail("step", name).detail("reason", reason.clone());
+                        rec.event = Event::Deferred;
+                        self.audit(rec).await;
+                        Fate::Done(Outcome::Deferred { reason }, evidence.clone())
+                    }
+                    FallbackAction::Exhausted => {
+                        let reason = format!(
+                            "4.7.5 no MX passed policy {policy_name}: {failures}; fallback chain used up, retrying the secure path"
+                        );
+                        let mut rec = base.detail("reason", reason.clone());
+                        rec.event = Event::Deferred;
+                        self.audit(rec).await;
+                        Fate::Done(Outcome::Deferred { reason }, evidence.clone())
+                    }
+                };
+                out.push((r.index, fate));
+            }
+            for ((step, host), (rs, failures)) in relays {
+                let relayed = self.relay(lease, &host, rs, body).await;
+                out.extend(
+                    relayed
+                        .delivered
+                        .into_iter()
+                        .map(|(i, o)| (i, Fate::Done(o, None))),
+                );
+                let why = format!("{failures}; {}", relayed.why);
+                pending.extend(relayed.rest.into_iter().map(|r| (r, step + 1, why.clone())));
+            }
         }
         tracing::warn!(queue_id = %lease.id, recipients = out.len(), policy = %policy.spec.name, "no MX passed the policy; fallback applied");
         out
@@ -708,7 +817,7 @@ impl Inner {
         lease: &Lease,
         recipients: &[LeasedRecipient],
         reason: String,
-    ) -> Vec<(usize, Outcome)> {
+    ) -> Vec<(usize, Fate)> {
         let mut out = Vec::new();
         for r in recipients {
             self.audit(
@@ -718,41 +827,28 @@ impl Inner {
                     .detail("reason", reason.clone()),
             )
             .await;
-            out.push((
-                r.index,
-                Outcome::Deferred {
-                    reason: reason.clone(),
-                },
-            ));
+            let outcome = Outcome::Deferred {
+                reason: reason.clone(),
+            };
+            out.push((r.index, Fate::Done(outcome, None)));
         }
         out
     }
+}
 
-    async fn all_failed(
-        &self,
-        lease: &Lease,
-        recipients: &[LeasedRecipient],
-        reason: String,
-    ) -> Vec<(usize, Outcome)> {
-        let mut out = Vec::new();
-        for r in recipients {
-            self.audit(
-                Record::new(Event::Bounced)
-                    .queue_id(lease.id.to_string())
-                    .recipient(r.address.clone())
-                    .detail("reason", reason.clone())
-                    .detail("dsn", "not_generated"),
-            )
-            .await;
-            out.push((
-                r.index,
-                Outcome::Failed {
-                    reason: reason.clone(),
-                },
-            ));
-        }
-        out
-    }
+/// Every recipient failed for the same local reason (audited once the DSN is queued).
+fn all_failed(recipients: &[LeasedRecipient], reason: &str, words: &str) -> Vec<(usize, Fate)> {
+    recipients
+        .iter()
+        .map(|r| {
+            let f = Failure::local(reason.to_owned(), words.to_owned());
+            (r.index, Fate::Bounce(f))
+        })
+        .collect()
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339()
 }
 
 #[cfg(test)]

@@ -1,5 +1,8 @@
 //! What to do with a recipient when no MX passed its policy: walk the policy's `on_failure`
 //! chain (`hold:D`, `bounce`, `smarthost:NAME`, `portal`) by the time since arrival.
+//!
+//! The decision is a pure function of the chain, the times and where to start (after a
+//! smarthost failed, the walk continues at the next step).
 
 use std::time::{Duration, SystemTime};
 
@@ -17,8 +20,20 @@ pub enum FallbackAction {
         /// When this hold step ends.
         ends: SystemTime,
     },
-    /// The chain has reached a step this version does not perform yet (bounce, smarthost,
-    /// portal): the recipient stays queued and the secure path keeps being retried.
+    /// Send a DSN to the envelope sender and finish the recipient.
+    Bounce {
+        /// Index of the `bounce` step in the chain.
+        step: usize,
+    },
+    /// Relay the recipient through the named smarthost.
+    Smarthost {
+        /// Index of the step in the chain.
+        step: usize,
+        /// The `[smarthosts.NAME]` name.
+        name: String,
+    },
+    /// The chain has reached a step this version does not perform yet (portal): the recipient
+    /// stays queued and the secure path keeps being retried.
     Unavailable {
         /// Index of the step in the chain.
         step: usize,
@@ -47,9 +62,27 @@ pub fn decide(
     now: SystemTime,
     retry_in: Duration,
 ) -> FallbackAction {
+    decide_from(chain, 0, arrival, now, retry_in)
+}
+
+/// Like [`decide`], but only steps at index `from` or later can be in force (the steps before
+/// were tried this round); holds before `from` still count towards the time.
+pub fn decide_from(
+    chain: &[FallbackStep],
+    from: usize,
+    arrival: SystemTime,
+    now: SystemTime,
+    retry_in: Duration,
+) -> FallbackAction {
     let elapsed = now.duration_since(arrival).unwrap_or(Duration::ZERO);
     let mut held_until = Duration::ZERO;
     for (index, step) in chain.iter().enumerate() {
+        if index < from {
+            if let FallbackStep::Hold(d) = step {
+                held_until = held_until.saturating_add(*d);
+            }
+            continue;
+        }
         match step {
             FallbackStep::Hold(d) => {
                 held_until = held_until.saturating_add(*d);
@@ -63,8 +96,14 @@ pub fn decide(
                     };
                 }
             }
-            // The fallback issue adds these; the decision stays a function of the chain.
-            FallbackStep::Bounce | FallbackStep::Smarthost(_) | FallbackStep::Portal => {
+            FallbackStep::Bounce => return FallbackAction::Bounce { step: index },
+            FallbackStep::Smarthost(name) => {
+                return FallbackAction::Smarthost {
+                    step: index,
+                    name: name.clone(),
+                }
+            }
+            FallbackStep::Portal => {
                 return FallbackAction::Unavailable {
                     step: index,
                     name: step_name(step),
@@ -120,9 +159,9 @@ mod tests {
         ));
         assert_eq!(
             decide(&chain, t0, t0 + 3 * H, M),
-            FallbackAction::Unavailable {
+            FallbackAction::Smarthost {
                 step: 2,
-                name: "smarthost:relay".into()
+                name: "relay".into()
             }
         );
         assert_eq!(
@@ -136,6 +175,47 @@ mod tests {
                 step: 0,
                 name: "portal".into()
             }
+        );
+    }
+
+    #[test]
+    fn bounce_is_in_force_after_the_hold_and_a_failed_smarthost_continues_the_chain() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let chain = [
+            FallbackStep::Hold(H),
+            FallbackStep::Smarthost("relay".into()),
+            FallbackStep::Bounce,
+        ];
+        assert!(matches!(
+            decide(&chain, t0, t0 + M, M),
+            FallbackAction::Hold { step: 0, .. }
+        ));
+        assert_eq!(
+            decide_from(&chain, 2, t0, t0 + 2 * H, M),
+            FallbackAction::Bounce { step: 2 }
+        );
+        // A smarthost that fails as the last step: the chain is used up.
+        assert_eq!(
+            decide_from(&chain[..2], 2, t0, t0 + 2 * H, M),
+            FallbackAction::Exhausted
+        );
+        // A hold after a smarthost counts from arrival, after the holds before it.
+        let chain = [
+            FallbackStep::Smarthost("relay".into()),
+            FallbackStep::Hold(H),
+            FallbackStep::Bounce,
+        ];
+        assert!(matches!(
+            decide_from(&chain, 1, t0, t0 + 30 * M, M),
+            FallbackAction::Hold { step: 1, ends, .. } if ends == t0 + H
+        ));
+        assert_eq!(
+            decide_from(&chain, 1, t0, t0 + 2 * H, M),
+            FallbackAction::Bounce { step: 2 }
+        );
+        assert_eq!(
+            decide(&[FallbackStep::Bounce], t0, t0, M),
+            FallbackAction::Bounce { step: 0 }
         );
     }
 }

@@ -12,12 +12,15 @@ pub mod engine;
 pub mod error;
 pub mod fallback;
 pub mod pool;
+pub mod smarthost;
 
 pub use client::{
-    open, ClientSettings, OpenError, RcptResult, Session, SessionError, Transaction, TxnRecipient,
+    open, open_at, AuthError, ClientSettings, OpenError, RcptResult, Session, SessionError,
+    TlsStart, Transaction, TxnRecipient,
 };
 pub use dns::{HostAddrs, MxAnswer, MxHost, MxResolver};
 pub use engine::{resolve_policies, Engine, ResolvedPolicy, IDLE_TIMEOUT};
 pub use error::DeliveryError;
-pub use fallback::{decide, step_name, FallbackAction};
+pub use fallback::{decide, decide_from, step_name, FallbackAction};
 pub use pool::{Permits, Pool, PoolKey};
+pub use smarthost::{resolve_smarthosts, PasswordError, SmarthostTarget};
