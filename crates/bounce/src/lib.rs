@@ -120,73 +120,103 @@ pub fn header_section(message: &[u8]) -> &[u8] {
     }
 }
 
+/// Longest line written into a report part: short enough that every part goes out as 7bit
+/// text (no quoted-printable soft breaks inside words a reader or a test looks for).
+const WIDTH: usize = 72;
+
+/// Word-wraps each line of `text` at `width` columns (a word longer than that stays whole).
+fn wrap(text: &str, width: usize, indent: &str) -> String {
+    let mut out = String::new();
+    for line in text.split("\r\n") {
+        let mut current = String::new();
+        for word in line.split(' ').filter(|w| !w.is_empty()) {
+            if !current.is_empty() && current.len() + 1 + word.len() > width {
+                out.push_str(&current);
+                out.push_str("\r\n");
+                current = indent.to_owned();
+            } else if !current.is_empty() && current != indent {
+                current.push(' ');
+            }
+            current.push_str(word);
+        }
+        out.push_str(&current);
+        out.push_str("\r\n");
+    }
+    out.truncate(out.len().saturating_sub(2));
+    out
+}
+
+/// One `Name: value` field of the delivery-status part, folded (RFC 5322 §2.2.3) so no line
+/// exceeds [`WIDTH`]; CRLF at the end.
+fn field(name: &str, value: &str) -> String {
+    let one_line: String = value
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    format!("{}\r\n", wrap(&format!("{name}: {one_line}"), WIDTH, " "))
+}
+
 fn human_part(r: &Report<'_>) -> String {
     let failed = r.recipients.iter().any(|x| x.action == Action::Failed);
     let mut t = String::new();
     if failed {
         t.push_str(&format!(
-            "This is the mail system at host {}.\r\n\r\nYour message could not be delivered to the recipient(s) below. It was NOT sent\r\nanywhere else. The policy `{}` applied to it.\r\n\r\n",
+            "This is the mail system at host {}.\r\n\r\nYour message could not be delivered to the recipient(s) below.\r\nIt was NOT sent anywhere else. The policy `{}` applied to it.\r\n\r\n",
             r.reporting_mta, r.policy
         ));
     } else {
         t.push_str(&format!(
-            "This is the mail system at host {}.\r\n\r\nYour message has not been delivered yet to the recipient(s) below. It is still\r\nqueued and will be retried; you do not need to send it again. The policy `{}`\r\napplied to it.\r\n\r\n",
+            "This is the mail system at host {}.\r\n\r\nYour message has not been delivered yet to the recipient(s) below.\r\nIt is still queued and will be retried;\r\nyou do not need to send it again. The policy `{}` applied to it.\r\n\r\n",
             r.reporting_mta, r.policy
         ));
     }
     for rec in &r.recipients {
-        t.push_str(&format!(
-            "<{}>: {}\r\n",
-            rec.final_recipient, rec.explanation
-        ));
+        let mut item = format!("<{}>: {}", rec.final_recipient, rec.explanation);
         if let Some(until) = rec.will_retry_until {
-            t.push_str(&format!(
-                "    Sealpost will keep trying until {}.\r\n",
+            item.push_str(&format!(
+                ". Sealpost will keep trying until {}.",
                 rfc2822(until)
             ));
         }
-        t.push_str("\r\n");
+        t.push_str(&wrap(&item, WIDTH, "    "));
+        t.push_str("\r\n\r\n");
     }
     t.push_str(&format!(
-        "Queue id: {}. The original message's headers are attached; its body is not,\r\nso this report carries no message content.\r\n",
+        "Queue id: {}.\r\nThe original message's headers are attached; its body is not,\r\nso this report carries no message content.\r\n",
         r.queue_id
     ));
     t
 }
 
 fn status_part(r: &Report<'_>) -> String {
-    let mut t = format!("Reporting-MTA: dns; {}\r\n", r.reporting_mta);
+    let mut t = field("Reporting-MTA", &format!("dns; {}", r.reporting_mta));
     if let Some(envid) = r.envid {
-        t.push_str(&format!("Original-Envelope-Id: {envid}\r\n"));
+        t.push_str(&field("Original-Envelope-Id", envid));
     }
-    t.push_str(&format!("X-Sealpost-Queue-ID: {}\r\n", r.queue_id));
-    t.push_str(&format!("Arrival-Date: {}\r\n", rfc2822(r.arrival)));
+    t.push_str(&field("X-Sealpost-Queue-ID", r.queue_id));
+    t.push_str(&field("Arrival-Date", &rfc2822(r.arrival)));
     for rec in &r.recipients {
         t.push_str("\r\n");
         if let Some(o) = &rec.original_recipient {
-            t.push_str(&format!("Original-Recipient: {o}\r\n"));
+            t.push_str(&field("Original-Recipient", o));
         }
-        t.push_str(&format!(
-            "Final-Recipient: rfc822; {}\r\n",
-            rec.final_recipient
+        t.push_str(&field(
+            "Final-Recipient",
+            &format!("rfc822; {}", rec.final_recipient),
         ));
-        t.push_str(&format!("Action: {}\r\n", rec.action.as_str()));
-        t.push_str(&format!("Status: {}\r\n", rec.status));
+        t.push_str(&field("Action", rec.action.as_str()));
+        t.push_str(&field("Status", &rec.status));
         if let Some(m) = &rec.remote_mta {
-            t.push_str(&format!("Remote-MTA: dns; {m}\r\n"));
+            t.push_str(&field("Remote-MTA", &format!("dns; {m}")));
         }
         if let Some(d) = &rec.diagnostic {
-            let one_line: String = d
-                .chars()
-                .map(|c| if c.is_control() { ' ' } else { c })
-                .collect();
-            t.push_str(&format!("Diagnostic-Code: {one_line}\r\n"));
+            t.push_str(&field("Diagnostic-Code", d));
         }
         if let Some(a) = rec.last_attempt {
-            t.push_str(&format!("Last-Attempt-Date: {}\r\n", rfc2822(a)));
+            t.push_str(&field("Last-Attempt-Date", &rfc2822(a)));
         }
         if let Some(u) = rec.will_retry_until {
-            t.push_str(&format!("Will-Retry-Until: {}\r\n", rfc2822(u)));
+            t.push_str(&field("Will-Retry-Until", &rfc2822(u)));
         }
     }
     t

@@ -160,3 +160,44 @@ fn explanations_in_plain_words() {
     );
     assert!(explain(&e).contains("TLS 1.2 or later is required"));
 }
+
+#[test]
+fn long_explanations_and_diagnostics_stay_7bit_and_fold() {
+    let mut r = report(Action::Failed);
+    let long = "mx.example.net said: 550 5.7.1 ".to_owned() + &"policy-word ".repeat(20);
+    r.recipients[0].diagnostic = Some(format!("smtp; {long}"));
+    r.recipients[0].explanation = "the recipient's server mx.example.net presented a certificate that expired on 2021-01-01; Sealpost did not deliver because the policy `phi` requires a verified TLS connection".into();
+    let text = String::from_utf8(build(&r).unwrap()).unwrap();
+    assert!(!text.contains("quoted-printable"), "{text}");
+    let start = text.find("Content-Type: text/plain").unwrap();
+    let end = text.find("Content-Type: text/rfc822-headers").unwrap();
+    for line in text[start..end].split("\r\n") {
+        assert!(line.len() <= 76, "line too long ({}): {line}", line.len());
+    }
+    // Words are kept whole, so a reader (or grep) finds them.
+    assert!(text.contains("policy `phi`"), "{text}");
+    assert!(
+        text.contains("Diagnostic-Code: smtp; mx.example.net said: 550 5.7.1"),
+        "{text}"
+    );
+    // The folded field unfolds to the original value.
+    let msg = mail_parser::MessageParser::default()
+        .parse(text.as_bytes())
+        .unwrap();
+    let status = String::from_utf8_lossy(msg.parts[2].contents()).replace("\r\n ", " ");
+    assert!(
+        status.contains(&format!("Diagnostic-Code: smtp; {}", long.trim_end())),
+        "{status}"
+    );
+}
+
+#[test]
+fn wrap_breaks_at_spaces_and_indents_continuations() {
+    assert_eq!(wrap("aa bb cc", 5, " "), "aa bb\r\n cc");
+    assert_eq!(wrap("short", 72, " "), "short");
+    assert_eq!(wrap("one\r\ntwo three", 5, ""), "one\r\ntwo\r\nthree");
+    assert_eq!(
+        wrap("averyveryverylongword x", 5, " "),
+        "averyveryverylongword\r\n x"
+    );
+}
