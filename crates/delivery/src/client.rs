@@ -806,6 +806,156 @@ mod tests {
         }
     }
 
+    /// An implicit-TLS server for one connection offering `mechs` and accepting `user`/`pw`.
+    async fn implicit_auth_server(
+        cfg: Arc<rustls::ServerConfig>,
+        mechs: &'static str,
+    ) -> (u16, Arc<Mutex<Seen>>) {
+        use base64::Engine as _;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen: Arc<Mutex<Seen>> = Arc::default();
+        let log = seen.clone();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let tls = tokio_rustls::TlsAcceptor::from(cfg)
+                .accept(tcp)
+                .await
+                .unwrap();
+            let mut s = BufReader::new(tls);
+            s.get_mut().write_all(b"220 smart ESMTP\r\n").await.unwrap();
+            let mut login_step = 0;
+            loop {
+                let mut line = String::new();
+                if s.read_line(&mut line).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                let text = line.trim_end().to_owned();
+                log.lock().unwrap().commands.push(text.clone());
+                let decode = |t: &str| {
+                    base64::engine::general_purpose::STANDARD
+                        .decode(t)
+                        .unwrap_or_default()
+                };
+                let out = if text.starts_with("EHLO") {
+                    format!("250-smart\r\n250 AUTH {mechs}\r\n")
+                } else if let Some(t) = text.strip_prefix("AUTH PLAIN ") {
+                    if decode(t) == b"\0u\0right" {
+                        "235 ok\r\n"
+                    } else {
+                        "535 no\r\n"
+                    }
+                    .into()
+                } else if text == "AUTH LOGIN" {
+                    login_step = 1;
+                    "334 VXNlcm5hbWU6\r\n".into()
+                } else if login_step == 1 {
+                    login_step = 2;
+                    if decode(&text) == b"u" {
+                        "334 UGFzc3dvcmQ6\r\n"
+                    } else {
+                        "535 no\r\n"
+                    }
+                    .into()
+                } else if login_step == 2 {
+                    login_step = 0;
+                    if decode(&text) == b"right" {
+                        "235 ok\r\n"
+                    } else {
+                        "535 no\r\n"
+                    }
+                    .into()
+                } else {
+                    "250 ok\r\n".to_owned()
+                };
+                s.get_mut().write_all(out.as_bytes()).await.unwrap();
+            }
+        });
+        (port, seen)
+    }
+
+    #[tokio::test]
+    async fn implicit_tls_is_verified_before_the_greeting_and_auth_plain_or_login_works() {
+        let pki = pki();
+        let trust = TrustStore::new(std::slice::from_ref(&pki.ca_file)).unwrap();
+        let connect = |port: u16| {
+            let trust = trust.clone();
+            async move {
+                let addr = SocketAddr::new(LOCAL, port);
+                open_at(
+                    &settings(port),
+                    &trust,
+                    &spec(),
+                    MX,
+                    addr,
+                    TlsStart::Implicit,
+                )
+                .await
+            }
+        };
+        // PLAIN with the right password.
+        let (port, seen) = implicit_auth_server(pki.server.clone(), "LOGIN PLAIN").await;
+        let mut session = connect(port).await.unwrap();
+        assert_eq!(session.evidence().reason, Verdict::Verified);
+        session.authenticate("u", "right").await.unwrap();
+        session.quit().await;
+        let commands = seen.lock().unwrap().commands.clone();
+        assert!(
+            commands[0].starts_with("EHLO"),
+            "no plaintext exchange first: {commands:?}"
+        );
+        assert!(commands[1].starts_with("AUTH PLAIN "), "{commands:?}");
+        // PLAIN with a wrong password is refused.
+        let (port, _) = implicit_auth_server(pki.server.clone(), "PLAIN").await;
+        let mut session = connect(port).await.unwrap();
+        let err = session.authenticate("u", "wrong").await.unwrap_err();
+        assert!(
+            matches!(err, AuthError::Refused(ref r) if r.contains("535")),
+            "{err}"
+        );
+        // LOGIN when PLAIN is not offered.
+        let (port, _) = implicit_auth_server(pki.server.clone(), "LOGIN").await;
+        let mut session = connect(port).await.unwrap();
+        session.authenticate("u", "right").await.unwrap();
+        // Nothing we speak.
+        let (port, _) = implicit_auth_server(pki.server.clone(), "CRAM-MD5").await;
+        let mut session = connect(port).await.unwrap();
+        assert!(matches!(
+            session.authenticate("u", "right").await,
+            Err(AuthError::NoMechanism(m)) if m == "CRAM-MD5"
+        ));
+    }
+
+    #[tokio::test]
+    async fn implicit_tls_to_an_untrusted_certificate_is_rejected() {
+        let trusted = pki();
+        let other = pki();
+        let trust = TrustStore::new(std::slice::from_ref(&trusted.ca_file)).unwrap();
+        let (port, seen) = implicit_auth_server(other.server.clone(), "PLAIN").await;
+        let addr = SocketAddr::new(LOCAL, port);
+        let err = open_at(
+            &settings(port),
+            &trust,
+            &spec(),
+            MX,
+            addr,
+            TlsStart::Implicit,
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            // both test roots have the same name: the chain fails on the signature
+            matches!(&err, OpenError::Rejected(e)
+                if matches!(e.reason, Verdict::UnknownIssuer | Verdict::BadSignature)),
+            "{err:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            seen.lock().unwrap().commands.is_empty(),
+            "no command after a failed handshake"
+        );
+    }
+
     fn settings(port: u16) -> ClientSettings {
         let mut s = ClientSettings::new("relay.unit.test", port, Duration::from_secs(5));
         s.greeting_timeout = Duration::from_millis(300);
