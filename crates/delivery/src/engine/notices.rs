@@ -392,6 +392,138 @@ impl Inner {
 mod tests {
     use super::*;
 
+    use crate::engine::Engine;
+    use sealpost_audit::{AuditLog, AuditOptions};
+    use sealpost_queue::{Keyring, Queue, QueueOptions};
+    use std::time::Duration;
+
+    /// An engine on a real queue and audit log in `dir`.
+    fn engine(dir: &std::path::Path) -> (Engine, Queue, std::path::PathBuf) {
+        let cfg_path = dir.join("sealpost.toml");
+        std::fs::write(
+            &cfg_path,
+            format!(
+                "[server]\nhostname = \"relay.unit.test\"\nstate_dir = \"{}\"\n\n[[listeners]]\naddress = \"127.0.0.1:2587\"\nmode = \"starttls\"\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+        let config =
+            sealpost_config::Config::load_with_env_prefix(&cfg_path, "SEALPOST_UNIT_TEST_NONE_")
+                .unwrap();
+        let key = dir.join("queue.key");
+        Keyring::generate(&key).unwrap();
+        let queue = Queue::open(
+            QueueOptions {
+                dir: dir.join("queue"),
+                retry: vec![Duration::from_secs(60)],
+                lifetime: Duration::from_secs(3600),
+                lease: Duration::from_secs(60),
+            },
+            Keyring::load(&key, &[]).unwrap(),
+        )
+        .unwrap();
+        let audit_path = dir.join("audit").join("audit.jsonl");
+        let audit = AuditLog::open(AuditOptions::new(&audit_path)).unwrap();
+        let engine = Engine::new(&config, queue.clone(), audit).unwrap();
+        (engine, queue, audit_path)
+    }
+
+    async fn leased(queue: &Queue, sender: &str, policy: &str) -> Lease {
+        let env = Envelope {
+            sender: sender.into(),
+            recipients: vec![RecipientSpec {
+                address: "pat@b.test".into(),
+                notify: None,
+                orcpt: Some("rfc822;pat@b.test".into()),
+            }],
+            user: Some("app".into()),
+            policy: policy.into(),
+            tags: Vec::new(),
+            client_ip: None,
+            ret: None,
+            envid: None,
+            smtputf8: false,
+            eight_bit: false,
+            received_at: SystemTime::now(),
+        };
+        let body = b"Subject: secret subject\r\n\r\nsecret body\r\n".to_vec();
+        queue.enqueue(env, body).await.unwrap();
+        let mut leases = queue.lease_due(SystemTime::now(), 10).await.unwrap();
+        assert_eq!(leases.len(), 1);
+        leases.remove(0)
+    }
+
+    fn audit_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_bounce_queues_one_dsn_from_the_null_sender_under_the_same_policy() {
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, queue, audit_path) = engine(dir.path());
+        let lease = leased(&queue, "app@clinic.test", "partner").await;
+        let failure = Failure::from_reply("mx.b.test", "mx.b.test said: 550 5.1.1 no such user");
+        let out = engine
+            .inner
+            .bounce(
+                &lease,
+                b"Subject: secret subject\r\n\r\nsecret body\r\n",
+                vec![(0, failure)],
+            )
+            .await;
+        assert!(
+            matches!(&out[..], [(0, Outcome::Failed { reason })] if reason.contains("550 5.1.1"))
+        );
+        let lines = audit_lines(&audit_path);
+        let bounced = lines.iter().find(|l| l["event"] == "bounced").unwrap();
+        assert_eq!(bounced["detail"]["status"], "5.1.1");
+        let dsn_id: QueueId = bounced["detail"]["dsn"].as_str().unwrap().parse().unwrap();
+        let dsn = queue.show(dsn_id).await.unwrap().envelope;
+        assert_eq!(dsn.sender, "");
+        assert_eq!(dsn.recipients.len(), 1);
+        assert_eq!(dsn.recipients[0].address, "app@clinic.test");
+        assert_eq!(dsn.policy, "partner");
+        assert_eq!(dsn.user, None);
+        let body = String::from_utf8(queue.body(dsn_id).await.unwrap()).unwrap();
+        assert!(body.contains("Status: 5.1.1") && body.contains("smtp; 550 5.1.1 no such user"));
+        assert!(
+            body.contains("Subject: secret subject"),
+            "headers of the original"
+        );
+        assert!(!body.contains("secret body"), "never the body");
+        // Nothing of the subject or body in the audit trail.
+        let text = std::fs::read_to_string(&audit_path).unwrap();
+        assert!(!text.contains("secret"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_null_sender_failure_is_dropped_and_no_dsn_is_queued() {
+        let dir = tempfile::tempdir().unwrap();
+        let (engine, queue, audit_path) = engine(dir.path());
+        let lease = leased(&queue, "", "phi").await;
+        let failure = Failure::local(
+            "5.1.2 recipient domain b.test not found".into(),
+            "words".into(),
+        );
+        let out = engine.inner.bounce(&lease, b"", vec![(0, failure)]).await;
+        assert!(matches!(&out[..], [(0, Outcome::Failed { .. })]));
+        let lines = audit_lines(&audit_path);
+        assert!(lines
+            .iter()
+            .any(|l| l["event"] == "dropped" && l["recipient"] == "pat@b.test"));
+        assert!(!lines.iter().any(|l| l["event"] == "bounced"));
+        assert_eq!(
+            queue.list().await.unwrap().len(),
+            1,
+            "only the original, no DSN"
+        );
+    }
+
     #[test]
     fn enhanced_codes_are_found_after_a_reply_code_or_first() {
         assert_eq!(enhanced_code("550 5.1.1 no such user"), Some("5.1.1"));
