@@ -142,6 +142,9 @@ enum Cmd {
         /// Postfix rows: auto (if installed), require, skip.
         #[arg(long, value_enum, default_value = "auto")]
         postfix: PostfixArg,
+        /// Skip the extra Postfix row with smtp_tls_connection_reuse = yes.
+        #[arg(long)]
+        no_postfix_tls_reuse: bool,
         /// Sealpost's delivery.max_connections_per_domain (Postfix's default is 20).
         #[arg(long, default_value_t = 20)]
         per_domain: usize,
@@ -283,6 +286,7 @@ async fn main_async(cli: Cli) -> Result<(), BenchError> {
             queued_size,
             idle_sessions,
             postfix,
+            no_postfix_tls_reuse,
             per_domain,
             delivery_timeout,
             start_timeout,
@@ -308,6 +312,7 @@ async fn main_async(cli: Cli) -> Result<(), BenchError> {
                     PostfixArg::Require => PostfixMode::Require,
                     PostfixArg::Skip => PostfixMode::Skip,
                 },
+                postfix_tls_reuse: !no_postfix_tls_reuse,
                 per_domain,
                 delivery_timeout: Duration::from_secs(delivery_timeout),
                 start_timeout: Duration::from_secs(start_timeout),

@@ -31,6 +31,9 @@ pub struct PostfixOptions {
     pub relay_name: String,
     /// The bench CA (`smtp_tls_CAfile`).
     pub ca_file: PathBuf,
+    /// `smtp_tls_connection_reuse = yes` (through tlsproxy); Postfix's default is no, which
+    /// means one TLS handshake per delivered message.
+    pub tls_reuse: bool,
 }
 
 /// A running instance; stopped on drop.
@@ -79,23 +82,28 @@ pub fn main_cf(base: &Path, o: &PostfixOptions) -> String {
          smtp_tls_mandatory_ciphers = high\n\
          smtp_tls_CAfile = {ca}\n\
          smtp_tls_policy_maps = texthash:{base}/conf/tls_policy\n\
-         message_size_limit = 52428800\n",
+         message_size_limit = 52428800\n\
+         smtp_tls_connection_reuse = {reuse}\n",
         host = o.hostname,
         rip = o.relay.ip(),
         rport = o.relay.port(),
         ca = o.ca_file.display(),
+        reuse = if o.tls_reuse { "yes" } else { "no" },
     )
 }
 
-/// The `master.cf`: Debian's, with the smtpd on `listen` and no chroot anywhere (the queue
-/// lives in a temp dir, which has no chroot set-up).
-pub fn master_cf(debian: &str, listen: SocketAddr) -> String {
+/// The `master.cf`: Debian's, with the smtpd on `listen`, no chroot anywhere (the queue
+/// lives in a temp dir, which has no chroot set-up) and, if asked, the `tlsproxy` service that
+/// `smtp_tls_connection_reuse` needs (commented out in Debian's file).
+pub fn master_cf(debian: &str, listen: SocketAddr, tlsproxy: bool) -> String {
     let mut out = String::new();
     for line in debian.lines() {
         let fields: Vec<&str> = line.split_whitespace().collect();
         let is_service =
             !line.starts_with('#') && !line.starts_with(char::is_whitespace) && fields.len() >= 8;
-        if !is_service {
+        if tlsproxy && line.starts_with("#tlsproxy ") {
+            out.push_str("tlsproxy unix - - n - 0 tlsproxy");
+        } else if !is_service {
             out.push_str(line);
         } else if line.starts_with("smtp ") && fields.get(1) == Some(&"inet") {
             out.push_str(&format!("{listen} inet n - n - - smtpd"));
@@ -136,7 +144,7 @@ impl Postfix {
         write("main.cf", main_cf(&base, o))?;
         let debian = std::fs::read_to_string("/etc/postfix/master.cf")
             .map_err(|e| BenchError::io("reading", "/etc/postfix/master.cf", e))?;
-        write("master.cf", master_cf(&debian, o.listen))?;
+        write("master.cf", master_cf(&debian, o.listen, o.tls_reuse))?;
         write(
             "tls_policy",
             format!(
@@ -239,11 +247,15 @@ mod tests {
     fn master_cf_moves_smtpd_and_drops_chroot() {
         let debian = "# comment\nsmtp      inet  n       -       y       -       -       smtpd\n\
                       cleanup   unix  n       -       y       -       0       cleanup\n  -o x=y\n";
-        let m = master_cf(debian, "127.0.0.5:2525".parse().unwrap());
+        let m = master_cf(debian, "127.0.0.5:2525".parse().unwrap(), false);
         assert_eq!(
             m,
             "# comment\n127.0.0.5:2525 inet n - n - - smtpd\ncleanup unix n - n - 0 cleanup\n  -o x=y\n"
         );
+        let with_proxy =
+            format!("{debian}#tlsproxy  unix  -       -       y       -       0       tlsproxy\n");
+        let m = master_cf(&with_proxy, "127.0.0.5:2525".parse().unwrap(), true);
+        assert!(m.ends_with("\ntlsproxy unix - - n - 0 tlsproxy\n"), "{m}");
     }
 
     #[test]
@@ -254,6 +266,7 @@ mod tests {
             relay: "127.0.0.1:3000".parse().unwrap(),
             relay_name: "mx.bench.test".into(),
             ca_file: "/x/ca.pem".into(),
+            tls_reuse: false,
         };
         let cf = main_cf(Path::new("/b"), &o);
         for line in [
@@ -262,6 +275,7 @@ mod tests {
             "smtp_tls_mandatory_ciphers = high",
             "smtp_tls_CAfile = /x/ca.pem",
             "relayhost = [127.0.0.1]:3000",
+            "smtp_tls_connection_reuse = no",
         ] {
             assert!(cf.lines().any(|l| l == line), "{line}");
         }

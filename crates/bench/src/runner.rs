@@ -66,6 +66,8 @@ pub struct RunOptions {
     pub idle_sessions: usize,
     /// Postfix rows.
     pub postfix: PostfixMode,
+    /// Also run Postfix with `smtp_tls_connection_reuse = yes`.
+    pub postfix_tls_reuse: bool,
     /// `delivery.max_connections_per_domain` for Sealpost.
     pub per_domain: usize,
     /// Longest wait for the sink to receive a row's messages.
@@ -361,7 +363,15 @@ pub async fn run(opts: RunOptions) -> Result<Report, BenchError> {
     relay.stop();
     report.rows.push(row.map_err(|e| with_log(e, &log))?);
 
-    if run_postfix {
+    let mut postfix_rows = vec![("postfix-plain", "Postfix, plain SMTP", false)];
+    if opts.postfix_tls_reuse {
+        postfix_rows.push((
+            "postfix-reuse",
+            "Postfix, plain SMTP, smtp_tls_connection_reuse = yes",
+            true,
+        ));
+    }
+    for (tag, label, tls_reuse) in postfix_rows.into_iter().filter(|_| run_postfix) {
         let pf_addr = SocketAddr::new(
             Ipv4Addr::LOCALHOST.into(),
             crate::relay::free_addr()?.port(),
@@ -372,8 +382,9 @@ pub async fn run(opts: RunOptions) -> Result<Report, BenchError> {
             relay: env.sink.addr,
             relay_name: SINK_NAME.into(),
             ca_file: env.ca.root_pem().to_path_buf(),
+            tls_reuse,
         };
-        say("starting Postfix");
+        say(&format!("starting Postfix ({tag})"));
         let pf = tokio::task::spawn_blocking(move || Postfix::start(&po))
             .await
             .map_err(|_| BenchError::Option {
@@ -381,12 +392,10 @@ pub async fn run(opts: RunOptions) -> Result<Report, BenchError> {
                 detail: "postfix start task failed".into(),
             })??;
         let pid = pf.master_pid()?;
-        let lo = env.load_opts("postfix-plain", pf.listen, Security::Plain);
-        let row = env
-            .e2e_row("Postfix, plain SMTP", "postfix", lo, pid, true)
-            .await;
+        let lo = env.load_opts(tag, pf.listen, Security::Plain);
+        let row = env.e2e_row(label, "postfix", lo, pid, true).await;
         let row = row.map_err(|e| with_log(e, &pf.log()))?;
-        report.postfix_queue_left = pf.queued();
+        report.postfix_queue_left += pf.queued();
         drop(pf);
         report.rows.push(row);
     }

@@ -107,6 +107,7 @@ fn benchmark_runs_end_to_end_with_sane_numbers() {
     ];
     if with_postfix {
         e2e.push(("postfix-plain", 200));
+        e2e.push(("postfix-reuse", 200));
         assert!(stdout.contains("Sealpost / Postfix"), "{stdout}");
         assert_eq!(report["postfix_queue_left"], 0);
     }
@@ -177,5 +178,6 @@ fn benchmark_runs_end_to_end_with_sane_numbers() {
         assert_eq!(i["sessions"], 50, "{i}");
         assert!(i["rss_after_kb"].as_u64().unwrap() > 0, "{i}");
     }
-    assert_eq!(report["targets"].as_array().unwrap().len(), 6);
+    let targets = if with_postfix { 7 } else { 6 };
+    assert_eq!(report["targets"].as_array().unwrap().len(), targets);
 }
