@@ -440,3 +440,72 @@ async fn metrics_move_as_messages_flow() {
     }
     c.cmd("QUIT").await.unwrap();
 }
+
+/// SIGHUP reaches delivery too: a destination held because its CA is not trusted is delivered
+/// once the CA is added to `delivery.trust_anchors` and the relay reloads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_delivery_trust_anchors() {
+    let dir = tempfile::tempdir().unwrap();
+    let partner_ca = TestCa::new(&dir.path().join("partner-ca"));
+    let dns = DnsServer::start().await;
+    let port = free_port().port();
+    let mx_ip = Ipv4Addr::new(127, 0, 0, 79);
+    dns.mx_at("example.net", "mx.example.net", mx_ip);
+    let leaf = partner_ca.issue("mx", &LeafSpec::new(&["mx.example.net"]));
+    let rx = Receiver::start(
+        IpAddr::V4(mx_ip),
+        port,
+        "mx.example.net",
+        default_tls(&leaf),
+        &[],
+    )
+    .await;
+    let cfg = RelayConfig {
+        env: vec![
+            ("SEALPOST_DNS__NAMESERVERS".into(), dns.nameservers_toml()),
+            ("SEALPOST_DELIVERY__PORT".into(), port.to_string()),
+        ],
+        ..RelayConfig::default()
+    }
+    .queue("retry", "[\"1s\"]");
+    let relay = Relay::start(cfg);
+    let mut c = authed(&relay, DEFAULT_USER, DEFAULT_PASSWORD).await;
+    let r = c
+        .submit(FROM, &[TO], &message(FROM, TO, "partner", "reload me"))
+        .await
+        .unwrap();
+    let id = queue_id_of(&r).unwrap();
+    wait_audit(
+        &relay,
+        Duration::from_secs(20),
+        "unknown_issuer attempt",
+        |v| {
+            v["event"] == "attempt"
+                && v["queue_id"] == id.as_str()
+                && v["tls"]["reason"] == "unknown_issuer"
+        },
+    );
+    assert!(!rx.got_data(), "nothing delivered to an untrusted MX");
+
+    let text = std::fs::read_to_string(relay.config_path()).unwrap();
+    let text = text.replacen(
+        "[delivery]\n",
+        &format!(
+            "[delivery]\ntrust_anchors = [\"{}\"]\n",
+            partner_ca.root_pem_path().display()
+        ),
+        1,
+    );
+    std::fs::write(relay.config_path(), text).unwrap();
+    signal(&relay, "HUP");
+    wait_audit(&relay, Duration::from_secs(10), "config_reloaded ok", |v| {
+        v["event"] == "config_reloaded" && v["detail"]["result"] == "ok"
+    });
+    wait_audit(
+        &relay,
+        Duration::from_secs(30),
+        "delivered after reload",
+        |v| v["event"] == "delivered" && v["queue_id"] == id.as_str(),
+    );
+    assert!(rx.got_data());
+}

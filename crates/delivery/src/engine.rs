@@ -42,10 +42,11 @@ pub struct ResolvedPolicy {
     pub on_failure: Vec<FallbackStep>,
 }
 
-/// The delivery engine; start it with [`Engine::run`].
+/// The delivery engine; start it with [`Engine::run`], swap its configuration with
+/// [`Engine::reload`].
 #[derive(Clone)]
 pub struct Engine {
-    inner: Arc<Inner>,
+    current: Arc<std::sync::RwLock<Arc<Inner>>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -54,13 +55,15 @@ impl std::fmt::Debug for Engine {
     }
 }
 
+#[derive(Clone)]
 struct Inner {
     queue: Queue,
     audit: AuditLog,
     resolver: MxResolver,
     trust: TrustStore,
     settings: ClientSettings,
-    pool: Pool,
+    /// Shared by every configuration version: connection limits hold across reloads.
+    pool: Arc<Pool>,
     hostname: String,
     listeners: Vec<SocketAddr>,
     retry: Vec<Duration>,
@@ -117,69 +120,72 @@ pub fn resolve_policies(config: &Config) -> Result<HashMap<String, ResolvedPolic
 impl Engine {
     /// An engine for `config`, delivering from `queue` and auditing to `audit`.
     pub fn new(config: &Config, queue: Queue, audit: AuditLog) -> Result<Engine, DeliveryError> {
-        let trust = TrustStore::new(&config.delivery.trust_anchors)?;
-        let resolver = MxResolver::new(&config.dns.nameservers, config.dns.timeout.0)?;
-        let settings = ClientSettings::new(
-            config.server.hostname.clone(),
-            config.delivery.port,
-            config.delivery.connect_timeout.0,
-        );
         let max = config.delivery.max_connections.max(1);
-        let policies = resolve_policies(config)?;
-        let inner = Inner {
-            queue,
-            audit,
-            resolver,
-            trust,
-            settings,
-            pool: Pool::new(
-                max,
-                config.delivery.max_connections_per_domain,
-                IDLE_TIMEOUT,
-            ),
-            hostname: config.server.hostname.to_ascii_lowercase(),
-            listeners: config.listeners.iter().map(|l| l.address).collect(),
-            retry: config.queue.retry.iter().map(|d| d.0).collect(),
-            smarthosts: resolve_smarthosts(config, &policies),
-            delay_notice: config.queue.delay_notice.map(|d| d.0),
-            policies,
-            domains: config
-                .domains
-                .iter()
-                .map(|(d, o)| {
-                    (
-                        d.trim_end_matches('.').to_ascii_lowercase(),
-                        o.policy.clone(),
-                    )
-                })
-                .collect(),
-            max_messages: max.saturating_mul(2),
-        };
+        let pool = Arc::new(Pool::new(
+            max,
+            config.delivery.max_connections_per_domain,
+            IDLE_TIMEOUT,
+        ));
+        let inner = Inner::build(config, queue, audit, pool)?;
         Ok(Engine {
-            inner: Arc::new(inner),
+            current: Arc::new(std::sync::RwLock::new(Arc::new(inner))),
         })
+    }
+
+    /// The configuration in force now (deliveries already running keep the one they started with).
+    fn inner(&self) -> Arc<Inner> {
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Applies a new configuration (SIGHUP): policies, domain overrides, smarthosts, trust
+    /// anchors, DNS, retry schedule, delay notices. Connection limits
+    /// (`delivery.max_connections*`) keep their start-up values. On error nothing changes.
+    pub fn reload(&self, config: &Config) -> Result<(), DeliveryError> {
+        let old = self.inner();
+        let mut next = Inner::build(
+            config,
+            old.queue.clone(),
+            old.audit.clone(),
+            old.pool.clone(),
+        )?;
+        next.settings.greeting_timeout = old.settings.greeting_timeout;
+        next.settings.command_timeout = old.settings.command_timeout;
+        *self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(next);
+        // Verified sessions were judged under the old policies: do not reuse them.
+        for session in old.pool.drain(true) {
+            tokio::spawn(session.quit());
+        }
+        Ok(())
     }
 
     /// The same engine with other client settings (tests shorten the RFC 5321 timeouts).
     /// Call before [`Engine::run`].
     pub fn with_settings(self, settings: ClientSettings) -> Engine {
-        match Arc::try_unwrap(self.inner) {
-            Ok(mut inner) => {
-                inner.settings = settings;
-                Engine {
-                    inner: Arc::new(inner),
-                }
-            }
-            Err(inner) => Engine { inner },
+        {
+            let mut current = self
+                .current
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut inner = Inner::clone(&current);
+            inner.settings = settings;
+            *current = Arc::new(inner);
         }
+        self
     }
 
     /// Delivers due messages until `shutdown` turns true, then finishes deliveries in flight
     /// and closes idle connections.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let inner = self.inner;
-        let notify = inner.queue.notify();
-        let slots = Arc::new(Semaphore::new(inner.max_messages));
+        let first = self.inner();
+        let notify = first.queue.notify();
+        let slots = Arc::new(Semaphore::new(first.max_messages));
+        drop(first);
         let mut tasks: JoinSet<()> = JoinSet::new();
         tracing::info!("delivery engine started");
         loop {
@@ -187,6 +193,7 @@ impl Engine {
                 break;
             }
             while tasks.try_join_next().is_some() {}
+            let inner = self.inner();
             let free = slots.available_permits();
             let mut leased = 0;
             if free > 0 {
@@ -240,7 +247,7 @@ impl Engine {
             "delivery engine stopping; finishing deliveries in flight"
         );
         while tasks.join_next().await.is_some() {}
-        for session in inner.pool.drain(true) {
+        for session in self.inner().pool.drain(true) {
             session.quit().await;
         }
         tracing::info!("delivery engine stopped");
@@ -259,6 +266,48 @@ fn evidence_json(evidence: &Evidence) -> serde_json::Value {
 }
 
 impl Inner {
+    /// The reloadable part of the engine, built from a configuration.
+    fn build(
+        config: &Config,
+        queue: Queue,
+        audit: AuditLog,
+        pool: Arc<Pool>,
+    ) -> Result<Inner, DeliveryError> {
+        let trust = TrustStore::new(&config.delivery.trust_anchors)?;
+        let resolver = MxResolver::new(&config.dns.nameservers, config.dns.timeout.0)?;
+        let settings = ClientSettings::new(
+            config.server.hostname.clone(),
+            config.delivery.port,
+            config.delivery.connect_timeout.0,
+        );
+        let policies = resolve_policies(config)?;
+        Ok(Inner {
+            queue,
+            audit,
+            resolver,
+            trust,
+            settings,
+            pool,
+            hostname: config.server.hostname.to_ascii_lowercase(),
+            listeners: config.listeners.iter().map(|l| l.address).collect(),
+            retry: config.queue.retry.iter().map(|d| d.0).collect(),
+            smarthosts: resolve_smarthosts(config, &policies),
+            delay_notice: config.queue.delay_notice.map(|d| d.0),
+            policies,
+            domains: config
+                .domains
+                .iter()
+                .map(|(d, o)| {
+                    (
+                        d.trim_end_matches('.').to_ascii_lowercase(),
+                        o.policy.clone(),
+                    )
+                })
+                .collect(),
+            max_messages: config.delivery.max_connections.max(1).saturating_mul(2),
+        })
+    }
+
     async fn audit(&self, rec: Record) {
         if let Err(e) = self.audit.record(rec).await {
             tracing::error!(error = %e, "AUDIT LOG WRITE FAILED");

@@ -141,10 +141,9 @@ pub async fn run(source: ConfigSource) -> Result<()> {
     let (delivery_stop_tx, delivery_stop_rx) = watch::channel(false);
     let delivery = if config.delivery.paused {
         tracing::warn!("delivery.paused = true: mail is accepted and queued, nothing is delivered");
-        drop(engine);
         tokio::spawn(async {})
     } else {
-        tokio::spawn(engine.run(delivery_stop_rx))
+        tokio::spawn(engine.clone().run(delivery_stop_rx))
     };
     audit
         .record(Record::new(Event::Started).detail("version", env!("CARGO_PKG_VERSION")))
@@ -158,7 +157,7 @@ pub async fn run(source: ConfigSource) -> Result<()> {
             _ = int.recv() => break,
             _ = hup.recv() => {
                 systemd::reloading();
-                reload(&source, &rt_tx, &audit).await;
+                reload(&source, &rt_tx, &engine, &audit).await;
                 systemd::reloaded("accepting mail");
             }
         }
@@ -212,8 +211,24 @@ async fn audit_quarantined(queue: Queue, audit: AuditLog) {
     }
 }
 
-async fn reload(source: &ConfigSource, rt_tx: &watch::Sender<Arc<Runtime>>, audit: &AuditLog) {
-    let result = source.load().map_err(anyhow::Error::from).and_then(runtime);
+async fn reload(
+    source: &ConfigSource,
+    rt_tx: &watch::Sender<Arc<Runtime>>,
+    engine: &sealpost_delivery::Engine,
+    audit: &AuditLog,
+) {
+    // Build everything first; apply only if all of it is good (the delivery engine last, as
+    // its reload is the only step that takes effect by itself).
+    let result = source
+        .load()
+        .map_err(anyhow::Error::from)
+        .and_then(|config| {
+            let rt = runtime(config.clone())?;
+            engine
+                .reload(&config)
+                .context("applying the delivery configuration")?;
+            Ok(rt)
+        });
     let rec = match result {
         Ok(rt) => {
             rt_tx.send_replace(Arc::new(rt));

@@ -469,7 +469,7 @@ mod tests {
         let lease = leased(&queue, "app@clinic.test", "partner").await;
         let failure = Failure::from_reply("mx.b.test", "mx.b.test said: 550 5.1.1 no such user");
         let out = engine
-            .inner
+            .inner()
             .bounce(
                 &lease,
                 b"Subject: secret subject\r\n\r\nsecret body\r\n",
@@ -510,7 +510,7 @@ mod tests {
             "5.1.2 recipient domain b.test not found".into(),
             "words".into(),
         );
-        let out = engine.inner.bounce(&lease, b"", vec![(0, failure)]).await;
+        let out = engine.inner().bounce(&lease, b"", vec![(0, failure)]).await;
         assert!(matches!(&out[..], [(0, Outcome::Failed { .. })]));
         let lines = audit_lines(&audit_path);
         assert!(lines
