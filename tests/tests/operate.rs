@@ -387,8 +387,31 @@ fn systemd_notify_ready_watchdog_and_stopping() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_move_as_messages_flow() {
     let http = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let mx_ca = TestCa::new(&dir.path().join("mx-ca"));
+    let dns = DnsServer::start().await;
+    let port = free_port().port();
+    let mx_ip = Ipv4Addr::new(127, 0, 0, 80);
+    dns.mx_at("example.net", "mx.example.net", mx_ip);
+    let leaf = mx_ca.issue("mx", &LeafSpec::new(&["mx.example.net"]));
+    let _rx = Receiver::start(
+        IpAddr::V4(mx_ip),
+        port,
+        "mx.example.net",
+        default_tls(&leaf),
+        &[],
+    )
+    .await;
     let cfg = RelayConfig {
         extra_toml: format!("[admin]\nhttp = \"{http}\"\n"),
+        env: vec![
+            ("SEALPOST_DNS__NAMESERVERS".into(), dns.nameservers_toml()),
+            ("SEALPOST_DELIVERY__PORT".into(), port.to_string()),
+            (
+                "SEALPOST_DELIVERY__TRUST_ANCHORS".into(),
+                format!("[\"{}\"]", mx_ca.root_pem_path().display()),
+            ),
+        ],
         ..RelayConfig::default()
     };
     let relay = Relay::start(cfg);
@@ -416,25 +439,32 @@ async fn metrics_move_as_messages_flow() {
     let bad = c.auth_plain("nobody", "wrong").await.unwrap();
     assert_eq!(bad.code, 503, "already authenticated: {bad}");
 
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (_, m) = tokio::task::block_in_place(|| http_get(http, "/metrics"));
         let accepted = sample(&m, "sealpost_messages_accepted_total");
         let rcpts = sample(&m, "sealpost_recipients_accepted_total");
         let open = sample(&m, "sealpost_sessions_open");
-        let queued = sample(&m, "sealpost_queue_messages");
         let latency = sample(&m, "sealpost_acceptance_seconds_count");
+        let delivered = sample(&m, "sealpost_recipients_total{outcome=\"delivered\"}");
+        let verified = sample(&m, "sealpost_tls_verdicts_total{verdict=\"verified\"}");
+        let delivery_latency = sample(&m, "sealpost_delivery_seconds_count");
+        // The queue gauge is refreshed every 5 s; once everything is delivered it reads 0.
+        let queued = sample(&m, "sealpost_queue_messages");
         if accepted == Some(3.0)
             && rcpts == Some(6.0)
             && open == Some(1.0)
-            && queued == Some(3.0)
             && latency == Some(3.0)
+            && delivered == Some(6.0)
+            && verified.is_some_and(|v| v >= 1.0)
+            && delivery_latency == Some(6.0)
+            && queued == Some(0.0)
         {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "metrics did not reach the expected values: accepted={accepted:?} rcpts={rcpts:?} open={open:?} queued={queued:?} latency_count={latency:?}\n{m}"
+            "metrics did not reach the expected values: accepted={accepted:?} rcpts={rcpts:?} open={open:?} latency_count={latency:?} delivered={delivered:?} verified={verified:?} delivery_latency={delivery_latency:?} queued={queued:?}\n{m}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

@@ -254,6 +254,37 @@ impl Engine {
     }
 }
 
+/// Counts what an audit record says happened (`/metrics`): recipient outcomes and TLS verdicts.
+fn count(rec: &Record) {
+    use sealpost_audit::Event as E;
+    match rec.event {
+        E::Delivered | E::Deferred | E::Diverted | E::Bounced | E::Expired | E::Dropped => {
+            metrics::counter!("sealpost_recipients_total", "outcome" => rec.event.as_str())
+                .increment(1);
+        }
+        E::Attempt => {
+            let verdict = rec
+                .tls
+                .as_ref()
+                .and_then(|t| t.get("reason"))
+                .and_then(|v| v.as_str())
+                .unwrap_or("unknown")
+                .to_string();
+            metrics::counter!("sealpost_tls_verdicts_total", "verdict" => verdict).increment(1);
+        }
+        _ => {}
+    }
+}
+
+/// Records the time from acceptance to delivery of one recipient.
+pub(crate) fn delivery_latency(arrival: SystemTime) {
+    let seconds = SystemTime::now()
+        .duration_since(arrival)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    metrics::histogram!("sealpost_delivery_seconds").record(seconds);
+}
+
 /// A recipient's domain in lower case, or `None` for an address without one.
 fn domain_of(address: &str) -> Option<String> {
     let (_, domain) = address.rsplit_once('@')?;
@@ -309,6 +340,7 @@ impl Inner {
     }
 
     async fn audit(&self, rec: Record) {
+        count(&rec);
         if let Err(e) = self.audit.record(rec).await {
             tracing::error!(error = %e, "AUDIT LOG WRITE FAILED");
         }
@@ -698,6 +730,7 @@ impl Inner {
                         .detail("policy", policy.spec.name.clone());
                     let fate = match result {
                         RcptResult::Delivered(reply) => {
+                            delivery_latency(lease.arrival);
                             self.audit(base.detail("reply", reply)).await;
                             Fate::Done(
                                 Outcome::Delivered {

@@ -184,6 +184,7 @@ impl Inner {
         for (r, result) in recipients.into_iter().zip(results) {
             match result {
                 RcptResult::Delivered(reply) => {
+                    super::delivery_latency(lease.arrival);
                     self.audit(
                         Record::new(Event::Delivered)
                             .queue_id(lease.id.to_string())
