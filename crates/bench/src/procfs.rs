@@ -66,6 +66,14 @@ pub fn status_kb(pid: u32, field: &str) -> Option<u64> {
     })
 }
 
+/// The 1-minute load average (`/proc/loadavg`), 0 if unreadable.
+pub fn loadavg() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// Processes whose parent is `pid`.
 pub fn children(pid: u32) -> Vec<u32> {
     let Ok(rd) = std::fs::read_dir("/proc") else {
@@ -190,6 +198,7 @@ mod tests {
     #[test]
     fn reads_this_process() {
         let me = std::process::id();
+        assert!(loadavg() >= 0.0);
         assert!(status_kb(me, "VmHWM").unwrap() > 0);
         let before = group_cpu_secs(me).unwrap();
         let t = std::time::Instant::now();

@@ -34,6 +34,9 @@ pub struct Row {
     pub bench_cpu_secs: f64,
     /// TLS handshakes the sink completed during the row (connections the relay opened).
     pub tls_handshakes: Option<u64>,
+    /// The machine's 1-minute load average when the row started and ended (the machine may be
+    /// shared; a high load means other work competed for the cores).
+    pub loadavg: (f64, f64),
 }
 
 impl Row {
@@ -63,6 +66,7 @@ impl Row {
             cpu_per_1k,
             bench_cpu_secs: 0.0,
             tls_handshakes: None,
+            loadavg: (0.0, 0.0),
         }
     }
 }
@@ -295,6 +299,7 @@ impl Report {
                     r.load.refused, r.load.errors
                 ));
             }
+            notes.push(format!("load avg {:.1}→{:.1}", r.loadavg.0, r.loadavg.1));
             if let Some(h) = r.tls_handshakes {
                 notes.push(format!("{h} TLS handshakes at the sink"));
             }

@@ -174,6 +174,7 @@ impl Env {
             lo.total, lo.sessions
         ));
         let tag = lo.tag.clone();
+        let load0 = crate::procfs::loadavg();
         let cpu0 = group_cpu_secs(pid)?;
         let own0 = own_cpu_secs();
         let hs0 = self.sink.handshakes();
@@ -192,6 +193,7 @@ impl Env {
         row.peak_pss_kb = Some(pss);
         row.bench_cpu_secs = own_cpu_secs() - own0;
         row.tls_handshakes = Some(self.sink.handshakes() - hs0);
+        row.loadavg = (load0, crate::procfs::loadavg());
         Ok(row)
     }
 
@@ -200,11 +202,14 @@ impl Env {
             "{label}: {} messages, {} sessions",
             lo.total, lo.sessions
         ));
+        let load0 = crate::procfs::loadavg();
         let cpu0 = group_cpu_secs(pid)?;
         let report: LoadReport = load::run(lo).await?;
         let cpu1 = group_cpu_secs(pid)?;
         let peak = status_kb(pid, "VmHWM").unwrap_or(0);
-        Ok(Row::new(label, "sealpost", report, None, peak, cpu1 - cpu0))
+        let mut row = Row::new(label, "sealpost", report, None, peak, cpu1 - cpu0);
+        row.loadavg = (load0, crate::procfs::loadavg());
+        Ok(row)
     }
 }
 
