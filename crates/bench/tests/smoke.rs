@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// `target/<profile>/` from the test executable (`target/<profile>/deps/smoke-…`).
 fn profile_dir() -> PathBuf {
@@ -89,7 +89,6 @@ fn benchmark_runs_end_to_end_with_sane_numbers() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "run failed:\n{stdout}\n{stderr}");
     eprintln!("{stdout}\n(took {took:?})");
-    assert!(took < Duration::from_secs(120), "smoke run took {took:?}");
 
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
