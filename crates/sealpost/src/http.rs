@@ -5,7 +5,6 @@ use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use sealpost_queue::Queue;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 /// Latency buckets in seconds, from 1 ms to 10 minutes.
@@ -55,15 +54,14 @@ pub async fn queue_gauges(queue: Queue) {
     }
 }
 
-/// Serves `/metrics` and `/healthz` on `addr` until the task is dropped.
-pub async fn serve(addr: SocketAddr, handle: PrometheusHandle) -> Result<()> {
+/// Serves `/metrics` and `/healthz` on an already bound listener until the task is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, handle: PrometheusHandle) -> Result<()> {
     let app = Router::new()
         .route("/metrics", get(move || std::future::ready(handle.render())))
         .route("/healthz", get(|| std::future::ready("ok\n")));
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding admin.http {addr}"))?;
-    tracing::info!(address = %addr, "admin HTTP endpoint (/metrics, /healthz)");
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(address = %addr, "admin HTTP endpoint (/metrics, /healthz)");
+    }
     axum::serve(listener, app)
         .await
         .context("admin HTTP endpoint")

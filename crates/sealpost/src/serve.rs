@@ -117,13 +117,14 @@ pub async fn run(source: ConfigSource) -> Result<()> {
     let metrics_task = match config.admin.http {
         Some(addr) => {
             let handle = http::install_recorder()?;
+            // Bound here, before READY: a taken address fails the start, and the endpoint
+            // accepts from the moment the relay says it is ready.
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("binding admin.http {addr}"))?;
-            drop(listener); // fail at start, not later, if the address is taken
             let gauges = tokio::spawn(http::queue_gauges(queue.clone()));
             let server = tokio::spawn(async move {
-                if let Err(e) = http::serve(addr, handle).await {
+                if let Err(e) = http::serve(listener, handle).await {
                     tracing::error!(error = %format!("{e:#}"), "admin HTTP endpoint stopped");
                 }
             });
