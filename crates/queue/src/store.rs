@@ -145,37 +145,44 @@ impl Store {
     }
 }
 
+/// redb's page cache. Its default (1 GiB) kept every written page resident: the benchmark saw
+/// 650–840 MB RSS after 5,000 queued messages. Writes are fsync-bound, not cache-bound.
+const CACHE_BYTES: usize = 64 << 20;
+
 /// Opens or creates the database file, mapping damage to `Corrupt` and a second opener to `Locked`.
 fn open_db(path: &Path) -> Result<Database, QueueError> {
-    Database::create(path).map_err(|e| match e {
-        DatabaseError::DatabaseAlreadyOpen => QueueError::Locked {
-            path: path.to_path_buf(),
-        },
-        DatabaseError::Storage(redb::StorageError::Io(io))
-            if io.kind() == std::io::ErrorKind::InvalidData =>
-        {
-            QueueError::Corrupt {
+    redb::Builder::new()
+        .set_cache_size(CACHE_BYTES)
+        .create(path)
+        .map_err(|e| match e {
+            DatabaseError::DatabaseAlreadyOpen => QueueError::Locked {
                 path: path.to_path_buf(),
-                detail: io.to_string(),
+            },
+            DatabaseError::Storage(redb::StorageError::Io(io))
+                if io.kind() == std::io::ErrorKind::InvalidData =>
+            {
+                QueueError::Corrupt {
+                    path: path.to_path_buf(),
+                    detail: io.to_string(),
+                }
             }
-        }
-        DatabaseError::Storage(redb::StorageError::Io(io)) => {
-            QueueError::io("opening the store", path.to_path_buf(), io)
-        }
-        DatabaseError::Storage(redb::StorageError::Corrupted(detail)) => QueueError::Corrupt {
-            path: path.to_path_buf(),
-            detail,
-        },
-        DatabaseError::RepairAborted => QueueError::Corrupt {
-            path: path.to_path_buf(),
-            detail: "repair aborted".to_string(),
-        },
-        DatabaseError::UpgradeRequired(v) => QueueError::Corrupt {
-            path: path.to_path_buf(),
-            detail: format!("unsupported file format version {v}"),
-        },
-        other => QueueError::storage("opening the store", other),
-    })
+            DatabaseError::Storage(redb::StorageError::Io(io)) => {
+                QueueError::io("opening the store", path.to_path_buf(), io)
+            }
+            DatabaseError::Storage(redb::StorageError::Corrupted(detail)) => QueueError::Corrupt {
+                path: path.to_path_buf(),
+                detail,
+            },
+            DatabaseError::RepairAborted => QueueError::Corrupt {
+                path: path.to_path_buf(),
+                detail: "repair aborted".to_string(),
+            },
+            DatabaseError::UpgradeRequired(v) => QueueError::Corrupt {
+                path: path.to_path_buf(),
+                detail: format!("unsupported file format version {v}"),
+            },
+            other => QueueError::storage("opening the store", other),
+        })
 }
 
 fn corrupt_or(path: &Path, context: &'static str, e: redb::TableError) -> QueueError {

@@ -105,6 +105,7 @@ pub async fn run(source: ConfigSource) -> Result<()> {
         connections: Arc::default(),
         rates: Default::default(),
         stopping: stop_rx.clone(),
+        auth_slots: tokio::sync::Semaphore::new(sealpost_submission::auth_concurrency()),
     });
     let admin_task = {
         let (q, a, p) = (queue.clone(), audit.clone(), admin_path.clone());

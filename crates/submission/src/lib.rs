@@ -112,4 +112,14 @@ pub struct Shared {
     pub rates: SendRates,
     /// Becomes true on shutdown: sessions finish their transaction, then say 421 and close.
     pub stopping: watch::Receiver<bool>,
+    /// Password verifications allowed at once (argon2id is memory- and CPU-hungry).
+    pub auth_slots: tokio::sync::Semaphore,
+}
+
+/// How many argon2id verifications may run at once: one per core, at least two.
+pub fn auth_concurrency() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .max(2)
 }

@@ -446,10 +446,17 @@ impl Session {
         };
         let users = self.rt.users.clone();
         let verify_name = name.clone();
-        let verified = tokio::task::spawn_blocking(move || users.verify(&verify_name, &password))
-            .await
-            .ok()
-            .flatten();
+        // argon2id takes ~19 MiB and a core for a moment: bound how many run at once.
+        let shared = Arc::clone(&self.shared);
+        let verified = {
+            let Ok(_slot) = shared.auth_slots.acquire().await else {
+                return Flow::Close;
+            };
+            tokio::task::spawn_blocking(move || users.verify(&verify_name, &password))
+                .await
+                .ok()
+                .flatten()
+        };
         match verified {
             Some(user) => {
                 tracing::info!(client = %self.peer, user = %user.name, "authenticated");
