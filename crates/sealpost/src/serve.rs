@@ -94,6 +94,25 @@ pub async fn run(source: ConfigSource) -> Result<()> {
     let audit = open_audit(&config)?;
     let admin_path = config.admin_socket();
     let rt = runtime(config.clone())?;
+    // The HTTP endpoint is bound before the SMTP listeners: once those accept, it does too.
+    let metrics_task = match config.admin.http {
+        Some(addr) => {
+            let handle = http::install_recorder()?;
+            // Bound here, before READY: a taken address fails the start, and the endpoint
+            // accepts from the moment the relay says it is ready.
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding admin.http {addr}"))?;
+            let gauges = tokio::spawn(http::queue_gauges(queue.clone()));
+            let server = tokio::spawn(async move {
+                if let Err(e) = http::serve(listener, handle).await {
+                    tracing::error!(error = %format!("{e:#}"), "admin HTTP endpoint stopped");
+                }
+            });
+            Some((gauges, server))
+        }
+        None => None,
+    };
     let bound = sealpost_submission::bind(&config).await?;
     let (rt_tx, rt_rx) = watch::channel(Arc::new(rt));
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -114,24 +133,6 @@ pub async fn run(source: ConfigSource) -> Result<()> {
                 tracing::error!(error = %format!("{e:#}"), "admin socket stopped");
             }
         })
-    };
-    let metrics_task = match config.admin.http {
-        Some(addr) => {
-            let handle = http::install_recorder()?;
-            // Bound here, before READY: a taken address fails the start, and the endpoint
-            // accepts from the moment the relay says it is ready.
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding admin.http {addr}"))?;
-            let gauges = tokio::spawn(http::queue_gauges(queue.clone()));
-            let server = tokio::spawn(async move {
-                if let Err(e) = http::serve(listener, handle).await {
-                    tracing::error!(error = %format!("{e:#}"), "admin HTTP endpoint stopped");
-                }
-            });
-            Some((gauges, server))
-        }
-        None => None,
     };
     let listeners = tokio::spawn(sealpost_submission::serve(
         bound,
