@@ -69,6 +69,6 @@ pub use error::AuditError;
 pub use line::{check_line, LineError, Sealed, GENESIS_PREV};
 pub use record::{Event, Record};
 pub use verify::{verify, verify_with, VerifyError, VerifyOptions, VerifyReport};
-pub use writer::{AuditLog, AuditOptions, DEFAULT_ROTATE_BYTES};
+pub use writer::{AuditLog, AuditOptions, Durable, DEFAULT_ROTATE_BYTES};
 #[cfg(test)]
 mod test_support;

@@ -64,6 +64,9 @@ struct Inner {
     settings: ClientSettings,
     /// Shared by every configuration version: connection limits hold across reloads.
     pool: Arc<Pool>,
+    /// Audit records submitted per message and not yet known durable; awaited before the
+    /// message's outcomes go to the queue, so one message's records share an fsync.
+    unsynced: Arc<std::sync::Mutex<HashMap<String, Vec<sealpost_audit::Durable>>>>,
     hostname: String,
     listeners: Vec<SocketAddr>,
     retry: Vec<Duration>,
@@ -319,6 +322,7 @@ impl Inner {
             trust,
             settings,
             pool,
+            unsynced: Arc::default(),
             hostname: config.server.hostname.to_ascii_lowercase(),
             listeners: config.listeners.iter().map(|l| l.address).collect(),
             retry: config.queue.retry.iter().map(|d| d.0).collect(),
@@ -339,10 +343,40 @@ impl Inner {
         })
     }
 
+    /// Records an audit event. Events of a message are only submitted here; [`Inner::complete`]
+    /// waits until they are on disk before it records the outcomes in the queue.
     async fn audit(&self, rec: Record) {
         count(&rec);
-        if let Err(e) = self.audit.record(rec).await {
-            tracing::error!(error = %e, "AUDIT LOG WRITE FAILED");
+        let Some(id) = rec.queue_id.clone() else {
+            if let Err(e) = self.audit.record(rec).await {
+                tracing::error!(error = %e, "AUDIT LOG WRITE FAILED");
+            }
+            return;
+        };
+        match self.audit.submit(rec).await {
+            Ok(durable) => self
+                .unsynced
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .entry(id)
+                .or_default()
+                .push(durable),
+            Err(e) => tracing::error!(error = %e, "AUDIT LOG WRITE FAILED"),
+        }
+    }
+
+    /// Waits until every audit record submitted for message `id` is durable.
+    async fn audit_synced(&self, id: QueueId) {
+        let pending = self
+            .unsynced
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&id.to_string())
+            .unwrap_or_default();
+        for durable in pending {
+            if let Err(e) = durable.wait().await {
+                tracing::error!(queue_id = %id, error = %e, "AUDIT LOG WRITE FAILED");
+            }
         }
     }
 
@@ -492,6 +526,9 @@ impl Inner {
     }
 
     async fn complete(&self, id: QueueId, results: Vec<(usize, Outcome)>) {
+        // The audit trail of what happened comes first (HIPAA 164.312(b)): outcomes are recorded
+        // in the queue only once their audit records are on disk.
+        self.audit_synced(id).await;
         if let Err(e) = self.queue.complete(id, results).await {
             tracing::error!(queue_id = %id, error = %e, "CANNOT RECORD DELIVERY OUTCOMES; the recipients become due again when the lease ends");
         }

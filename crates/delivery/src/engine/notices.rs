@@ -479,6 +479,7 @@ mod tests {
         assert!(
             matches!(&out[..], [(0, Outcome::Failed { reason })] if reason.contains("550 5.1.1"))
         );
+        engine.inner().audit_synced(lease.id).await;
         let lines = audit_lines(&audit_path);
         let bounced = lines.iter().find(|l| l["event"] == "bounced").unwrap();
         assert_eq!(bounced["detail"]["status"], "5.1.1");
@@ -512,6 +513,7 @@ mod tests {
         );
         let out = engine.inner().bounce(&lease, b"", vec![(0, failure)]).await;
         assert!(matches!(&out[..], [(0, Outcome::Failed { .. })]));
+        engine.inner().audit_synced(lease.id).await;
         let lines = audit_lines(&audit_path);
         assert!(lines
             .iter()
