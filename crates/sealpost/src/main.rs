@@ -148,11 +148,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let src = source(config);
             match src.load() {
                 Ok(c) => {
+                    let n = |count: usize, one: &str, many: &str| {
+                        format!("{count} {}", if count == 1 { one } else { many })
+                    };
                     println!(
-                        "configuration OK: {} listener(s), {} user(s), {} polic(ies)",
-                        c.listeners.len(),
-                        c.users.len(),
-                        c.policies.len()
+                        "configuration OK: {}, {}, {}",
+                        n(c.listeners.len(), "listener", "listeners"),
+                        n(c.users.len(), "user", "users"),
+                        n(c.policies.len(), "policy", "policies")
                     );
                     Ok(ExitCode::SUCCESS)
                 }
