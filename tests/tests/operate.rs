@@ -539,3 +539,36 @@ async fn sighup_reloads_delivery_trust_anchors() {
     );
     assert!(rx.got_data());
 }
+
+/// The queue-depth gauges follow the queue (delivery paused, so the messages stay).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_gauges_follow_the_queue() {
+    let http = free_port();
+    let relay = Relay::start(RelayConfig {
+        extra_toml: format!("[admin]\nhttp = \"{http}\"\n"),
+        env: vec![("SEALPOST_DELIVERY__PAUSED".into(), "true".into())],
+        ..RelayConfig::default()
+    });
+    let mut c = authed(&relay, DEFAULT_USER, DEFAULT_PASSWORD).await;
+    for i in 0..2 {
+        let r = c
+            .submit(FROM, &[TO], &message(FROM, TO, "gauge", &format!("{i}")))
+            .await
+            .unwrap();
+        assert!(queue_id_of(&r).is_some(), "{r}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, m) = tokio::task::block_in_place(|| http_get(http, "/metrics"));
+        let messages = sample(&m, "sealpost_queue_messages");
+        let pending = sample(&m, "sealpost_queue_recipients{state=\"pending\"}");
+        if messages == Some(2.0) && pending == Some(2.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "queue gauges: messages={messages:?} pending={pending:?}\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
