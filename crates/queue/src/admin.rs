@@ -139,7 +139,7 @@ impl Inner {
         })?;
         let mut records = Vec::with_capacity(sealed.len());
         for (id, sealed) in sealed {
-            match self.unseal_meta(id, &sealed) {
+            match self.core.unseal_meta(id, &sealed) {
                 Ok(r) => records.push((id, r)),
                 Err(QueueError::Integrity { id }) => self.quarantine_now(id)?,
                 Err(e) => return Err(e),
@@ -175,7 +175,7 @@ impl Inner {
                 .map(|g| g.value().to_vec())
                 .ok_or(QueueError::NotFound(id))
         })?;
-        let record = match self.unseal_meta(id, &sealed) {
+        let record = match self.core.unseal_meta(id, &sealed) {
             Err(QueueError::Integrity { id }) => {
                 self.quarantine_now(id)?;
                 return Err(QueueError::Integrity { id });

@@ -1,4 +1,8 @@
-//! Group commit: one thread writes all waiting enqueues in one transaction and one fsync.
+//! Group commit: one thread applies every waiting write (enqueues, leases, outcomes) in one
+//! transaction and one fsync.
+//!
+//! An operation may run more than once: when a group transaction fails, it is aborted and each
+//! operation is re-run in a transaction of its own, so one bad operation cannot fail the others.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -15,8 +19,24 @@ use crate::store::{op_err, table_err, Store, BODY, DUE, DUE_BY_ID, META};
 /// Most bytes of sealed data written in one group transaction.
 const MAX_BATCH_BYTES: usize = 64 * 1024 * 1024;
 
+/// A write waiting for the committer.
+pub(crate) type Job = Box<dyn Op>;
+
+/// A write the committer applies inside a (possibly shared) transaction.
+pub(crate) trait Op: Send {
+    /// Applies the write to `txn`; an error aborts the whole transaction. May run again after an
+    /// abort, always on a fresh transaction.
+    fn apply(&mut self, txn: &redb::WriteTransaction) -> Result<(), QueueError>;
+    /// Reports the outcome once the transaction holding the last `apply` committed or failed.
+    fn finish(self: Box<Self>, result: Result<(), QueueError>);
+    /// Bytes this write adds to the transaction (bounds a group's size).
+    fn bytes(&self) -> usize {
+        0
+    }
+}
+
 /// One enqueue waiting for its commit.
-pub(crate) struct Job {
+pub(crate) struct Insert {
     pub(crate) id: QueueId,
     pub(crate) meta: Vec<u8>,
     pub(crate) body: Vec<u8>,
@@ -24,9 +44,76 @@ pub(crate) struct Job {
     pub(crate) reply: oneshot::Sender<Result<(), QueueError>>,
 }
 
-impl Job {
+impl Op for Insert {
+    fn apply(&mut self, txn: &redb::WriteTransaction) -> Result<(), QueueError> {
+        insert(txn, self)
+    }
+
+    fn finish(self: Box<Self>, result: Result<(), QueueError>) {
+        // a caller that went away still has its message queued
+        let _ = self.reply.send(result);
+    }
+
     fn bytes(&self) -> usize {
         self.meta.len() + self.body.len()
+    }
+}
+
+/// A read-modify-write whose value is sent back once its transaction has committed.
+pub(crate) struct Change<T, F> {
+    run: F,
+    value: Option<Result<T, QueueError>>,
+    reply: oneshot::Sender<Result<T, QueueError>>,
+}
+
+impl<T, F> Change<T, F>
+where
+    T: Send + 'static,
+    F: FnMut(&redb::WriteTransaction) -> Result<T, QueueError> + Send + 'static,
+{
+    /// A job running `run`, and the receiver of its committed result.
+    pub(crate) fn job(run: F) -> (Job, oneshot::Receiver<Result<T, QueueError>>) {
+        let (reply, rx) = oneshot::channel();
+        let op = Change {
+            run,
+            value: None,
+            reply,
+        };
+        (Box::new(op), rx)
+    }
+}
+
+impl<T, F> Op for Change<T, F>
+where
+    T: Send,
+    F: FnMut(&redb::WriteTransaction) -> Result<T, QueueError> + Send,
+{
+    fn apply(&mut self, txn: &redb::WriteTransaction) -> Result<(), QueueError> {
+        match (self.run)(txn) {
+            Ok(value) => {
+                self.value = Some(Ok(value));
+                Ok(())
+            }
+            Err(err @ QueueError::Integrity { .. }) => {
+                // the record was moved to quarantine: keep that write, report the error
+                self.value = Some(Err(err));
+                Ok(())
+            }
+            Err(err) => {
+                self.value = None;
+                Err(err)
+            }
+        }
+    }
+
+    fn finish(self: Box<Self>, result: Result<(), QueueError>) {
+        let this = *self;
+        let value = match (result, this.value) {
+            (Ok(()), Some(value)) => value,
+            (Ok(()), None) => Err(QueueError::Closed),
+            (Err(err), _) => Err(err),
+        };
+        let _ = this.reply.send(value);
     }
 }
 
@@ -99,42 +186,41 @@ fn run(store: &Store, rx: &mpsc::Receiver<Job>, max_batch: usize, commits: &Atom
     }
 }
 
-fn commit_batch(store: &Store, batch: Vec<Job>) {
-    let result = store.write("committing enqueued messages", |txn| {
-        for job in &batch {
-            insert(txn, job)?;
+fn commit_batch(store: &Store, mut batch: Vec<Job>) {
+    let result = store.write("committing queue writes", |txn| {
+        for job in &mut batch {
+            job.apply(txn)?;
         }
         Ok(())
     });
     match result {
         Ok(()) => {
             for job in batch {
-                // a caller that went away still has its message queued
-                let _ = job.reply.send(Ok(()));
+                job.finish(Ok(()));
             }
         }
         Err(QueueError::NoSpace) => {
             for job in batch {
-                let _ = job.reply.send(Err(QueueError::NoSpace));
+                job.finish(Err(QueueError::NoSpace));
             }
         }
         Err(err) if batch.len() == 1 => {
             if let Some(job) = batch.into_iter().next() {
-                let _ = job.reply.send(Err(err));
+                job.finish(Err(err));
             }
         }
         Err(err) => {
-            // one bad job must not fail the others: retry each on its own
-            tracing::warn!(error = %err, jobs = batch.len(), "group commit failed; committing one by one");
-            for job in batch {
-                let result = store.write("committing an enqueued message", |txn| insert(txn, &job));
-                let _ = job.reply.send(result);
+            // one bad job must not fail the others: re-run each on its own
+            tracing::debug!(error = %err, jobs = batch.len(), "group commit failed; committing one by one");
+            for mut job in batch {
+                let result = store.write("committing a queue write", |txn| job.apply(txn));
+                job.finish(result);
             }
         }
     }
 }
 
-fn insert(txn: &redb::WriteTransaction, job: &Job) -> Result<(), QueueError> {
+fn insert(txn: &redb::WriteTransaction, job: &Insert) -> Result<(), QueueError> {
     let ctx = "committing enqueued messages";
     let id = job.id.as_u128();
     let mut meta = txn.open_table(META).map_err(table_err(ctx))?;

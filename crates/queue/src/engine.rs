@@ -21,15 +21,23 @@ use crate::{Lease, LeasedRecipient, Outcome, QueueOptions};
 /// Shared state behind a `Queue`.
 pub(crate) struct Inner {
     pub(crate) store: Arc<Store>,
-    pub(crate) keys: Keyring,
-    pub(crate) opts: QueueOptions,
+    pub(crate) core: Arc<Core>,
     pub(crate) notify: Arc<Notify>,
     pub(crate) committer: Committer,
+}
+
+/// What a write transaction needs to read and change sealed records: keys, options, reports.
+///
+/// Kept apart from [`Inner`] so operations queued on the committer thread can hold it without
+/// holding the committer itself.
+pub(crate) struct Core {
+    pub(crate) keys: Keyring,
+    pub(crate) opts: QueueOptions,
     /// Ids quarantined since the owner last asked (for its audit log).
     pub(crate) quarantined: std::sync::Mutex<Vec<QueueId>>,
 }
 
-impl Inner {
+impl Core {
     /// Remembers a quarantined id until [`crate::Queue::take_quarantined`] collects it.
     pub(crate) fn report_quarantined(&self, id: QueueId) {
         self.quarantined
@@ -127,34 +135,17 @@ impl Inner {
         set_due(txn, id, message_due_ms(record))
     }
 
-    /// Loads, changes and saves one message in one transaction.
-    pub(crate) fn update<T>(
+    /// Leases the due recipients of up to `max` messages inside `txn`.
+    pub(crate) fn lease_due(
         &self,
-        id: QueueId,
-        context: &'static str,
-        change: impl FnOnce(&mut MessageRecord) -> Result<T, QueueError>,
-    ) -> Result<T, QueueError> {
-        self.store.write(context, |txn| {
-            let mut record = self.load(txn, id)?;
-            let value = change(&mut record)?;
-            self.save(txn, id, &record)?;
-            Ok(value)
-        })
-    }
-
-    /// Moves a message to quarantine in its own transaction.
-    pub(crate) fn quarantine_now(&self, id: QueueId) -> Result<(), QueueError> {
-        self.store
-            .write("quarantining a record", |txn| quarantine(txn, id))
-            .inspect(|_| self.report_quarantined(id))
-    }
-
-    /// Leases the due recipients of up to `max` messages.
-    pub(crate) fn lease_due(&self, now: SystemTime, max: usize) -> Result<Vec<Lease>, QueueError> {
+        txn: &WriteTransaction,
+        now: SystemTime,
+        max: usize,
+    ) -> Result<Vec<Lease>, QueueError> {
         let ctx = "leasing due messages";
         let now_ms = to_ms(now);
         let lease_until = now + self.opts.lease;
-        self.store.write(ctx, |txn| {
+        {
             let ids: Vec<QueueId> = {
                 let due = txn.open_table(DUE).map_err(table_err(ctx))?;
                 let range = due.range(..=(now_ms, u128::MAX)).map_err(op_err(ctx))?;
@@ -219,18 +210,19 @@ impl Inner {
                 }
             }
             Ok(leases)
-        })
+        }
     }
 
-    /// Records delivery outcomes; removes the message once every recipient is final.
+    /// Records delivery outcomes inside `txn`; removes the message once every recipient is final.
     pub(crate) fn complete(
         &self,
+        txn: &WriteTransaction,
         id: QueueId,
         results: Vec<(usize, Outcome)>,
+        now: SystemTime,
     ) -> Result<(), QueueError> {
-        let now = SystemTime::now();
-        let retry = self.opts.retry.clone();
-        self.update(id, "recording delivery outcomes", move |record| {
+        let retry = &self.opts.retry;
+        self.change(txn, id, move |record| {
             for (index, outcome) in results {
                 let rcpt = record
                     .recipients
@@ -251,7 +243,7 @@ impl Inner {
                         rcpt.last_error = Some(reason.clone());
                         RecipientState::Deferred {
                             attempts: rcpt.attempts,
-                            next_attempt: now + retry_delay(&retry, rcpt.attempts),
+                            next_attempt: now + retry_delay(retry, rcpt.attempts),
                             last_error: reason,
                         }
                     }
@@ -280,14 +272,15 @@ impl Inner {
         })
     }
 
-    /// Records that a delay notice was sent for the recipients at `indices`.
+    /// Records inside `txn` that a delay notice was sent for the recipients at `indices`.
     pub(crate) fn mark_delay_notified(
         &self,
+        txn: &WriteTransaction,
         id: QueueId,
-        indices: Vec<usize>,
+        indices: &[usize],
     ) -> Result<(), QueueError> {
-        self.update(id, "recording a delay notice", move |record| {
-            for index in indices {
+        self.change(txn, id, move |record| {
+            for &index in indices {
                 record
                     .recipients
                     .get_mut(index)
@@ -296,6 +289,39 @@ impl Inner {
             }
             Ok(())
         })
+    }
+
+    /// Loads, changes and saves one message inside `txn`.
+    pub(crate) fn change<T>(
+        &self,
+        txn: &WriteTransaction,
+        id: QueueId,
+        change: impl FnOnce(&mut MessageRecord) -> Result<T, QueueError>,
+    ) -> Result<T, QueueError> {
+        let mut record = self.load(txn, id)?;
+        let value = change(&mut record)?;
+        self.save(txn, id, &record)?;
+        Ok(value)
+    }
+}
+
+impl Inner {
+    /// Loads, changes and saves one message in its own transaction.
+    pub(crate) fn update<T>(
+        &self,
+        id: QueueId,
+        context: &'static str,
+        change: impl FnOnce(&mut MessageRecord) -> Result<T, QueueError>,
+    ) -> Result<T, QueueError> {
+        self.store
+            .write(context, |txn| self.core.change(txn, id, change))
+    }
+
+    /// Moves a message to quarantine in its own transaction.
+    pub(crate) fn quarantine_now(&self, id: QueueId) -> Result<(), QueueError> {
+        self.store
+            .write("quarantining a record", |txn| quarantine(txn, id))
+            .inspect(|_| self.core.report_quarantined(id))
     }
 
     /// Returns every in-flight recipient (from a crash) to its earlier state, due now, and
@@ -307,7 +333,7 @@ impl Inner {
             let ids = all_ids(txn)?;
             let mut recovered = 0;
             for id in ids {
-                let mut record = match self.load(txn, id) {
+                let mut record = match self.core.load(txn, id) {
                     Ok(r) => r,
                     Err(QueueError::Integrity { .. }) => continue,
                     Err(e) => return Err(e),
@@ -321,7 +347,7 @@ impl Inner {
                     }
                 }
                 if changed {
-                    self.save(txn, id, &record)?;
+                    self.core.save(txn, id, &record)?;
                 } else {
                     // the due index is derived data: make sure it matches the record
                     let wanted = message_due_ms(&record);
@@ -350,7 +376,7 @@ impl Inner {
                 .map(|g| g.value().to_vec())
                 .ok_or(QueueError::NotFound(id))
         })?;
-        match self.unseal(id, Kind::Body, &sealed) {
+        match self.core.unseal(id, Kind::Body, &sealed) {
             Err(QueueError::Integrity { id }) => {
                 self.quarantine_now(id)?;
                 Err(QueueError::Integrity { id })
@@ -382,7 +408,7 @@ impl Inner {
             Ok(ids)
         })?;
         let total = ids.len() as u64;
-        let primary = self.keys.primary().id;
+        let primary = self.core.keys.primary().id;
         let mut done = 0u64;
         let mut rekeyed = 0u64;
         progress(0, total);
@@ -400,17 +426,17 @@ impl Inner {
                         if crypto::key_id(&sealed) == Some(&primary[..]) {
                             continue;
                         }
-                        let plain = match self.unseal(id, kind, &sealed) {
+                        let plain = match self.core.unseal(id, kind, &sealed) {
                             Ok(p) => p,
                             Err(QueueError::Integrity { id }) => {
                                 drop(table);
                                 quarantine(txn, id)?;
-                                self.report_quarantined(id);
+                                self.core.report_quarantined(id);
                                 break;
                             }
                             Err(e) => return Err(e),
                         };
-                        let resealed = self.seal(id, kind, &plain)?;
+                        let resealed = self.core.seal(id, kind, &plain)?;
                         table
                             .insert(id.as_u128(), resealed.as_slice())
                             .map_err(op_err(ctx))?;

@@ -1,7 +1,8 @@
 //! Sealpost's durable, encrypted message queue.
 //!
 //! Messages are sealed with AES-256-GCM (aws-lc-rs) and stored in redb; `enqueue` returns only
-//! after the record is committed (fsync'd), with concurrent enqueues sharing one commit.
+//! after the record is committed (fsync'd). Concurrent enqueues, leases and delivery outcomes
+//! share one commit.
 
 mod admin;
 mod commit;
@@ -30,9 +31,9 @@ pub use id::{ParseQueueIdError, QueueId};
 pub use keys::{KeyError, Keyring};
 pub use record::{Envelope, RecipientSpec, RecipientState};
 
-use crate::commit::{Committer, Job};
+use crate::commit::{Change, Committer, Insert};
 use crate::crypto::Kind;
-use crate::engine::Inner;
+use crate::engine::{Core, Inner};
 use crate::record::MessageRecord;
 use crate::schedule::to_ms;
 use crate::store::{Store, STORE_FILE};
@@ -161,11 +162,13 @@ impl Queue {
         let committer = Committer::start(store.clone(), tuning.max_batch)?;
         let inner = Inner {
             store,
-            keys,
-            opts,
+            core: Arc::new(Core {
+                keys,
+                opts,
+                quarantined: Default::default(),
+            }),
             notify: Arc::new(Notify::new()),
             committer,
-            quarantined: Default::default(),
         };
         let recovered = inner.recover_leases()?;
         if recovered > 0 {
@@ -203,10 +206,10 @@ impl Queue {
                     id,
                     detail: e.to_string(),
                 })?;
-                let meta = inner.seal(id, Kind::Meta, &plain)?;
-                let body = inner.seal(id, Kind::Body, &body)?;
+                let meta = inner.core.seal(id, Kind::Meta, &plain)?;
+                let body = inner.core.seal(id, Kind::Body, &body)?;
                 let (reply, rx) = oneshot::channel();
-                let job = Job {
+                let job = Insert {
                     id,
                     meta,
                     body,
@@ -216,10 +219,23 @@ impl Queue {
                 Ok((job, rx))
             })
             .await?;
-        self.inner.committer.submit(job)?;
+        self.inner.committer.submit(Box::new(job))?;
         rx.await.map_err(|_| QueueError::Closed)??;
         self.inner.notify.notify_one();
         Ok(id)
+    }
+
+    /// Runs a read-modify-write on the committer, sharing a transaction (and its fsync) with
+    /// whatever else is waiting; returns once it is durable.
+    async fn committed<T: Send + 'static>(
+        &self,
+        run: impl FnMut(&Core, &redb::WriteTransaction) -> Result<T, QueueError> + Send + 'static,
+    ) -> Result<T, QueueError> {
+        let core = self.inner.core.clone();
+        let mut run = run;
+        let (job, rx) = Change::job(move |txn: &redb::WriteTransaction| run(&core, txn));
+        self.inner.committer.submit(job)?;
+        rx.await.map_err(|_| QueueError::Closed)?
     }
 
     /// Signalled after each enqueue, release and retry so the scheduler wakes.
@@ -234,7 +250,8 @@ impl Queue {
 
     /// Leases the due recipients of up to `max` messages (in-flight until `now + lease`).
     pub async fn lease_due(&self, now: SystemTime, max: usize) -> Result<Vec<Lease>, QueueError> {
-        self.blocking(move |inner| inner.lease_due(now, max)).await
+        self.committed(move |core, txn| core.lease_due(txn, now, max))
+            .await
     }
 
     /// The decrypted body of a queued message.
@@ -248,7 +265,8 @@ impl Queue {
         id: QueueId,
         results: Vec<(usize, Outcome)>,
     ) -> Result<(), QueueError> {
-        self.blocking(move |inner| inner.complete(id, results))
+        let now = SystemTime::now();
+        self.committed(move |core, txn| core.complete(txn, id, results.clone(), now))
             .await
     }
 
@@ -258,18 +276,18 @@ impl Queue {
         id: QueueId,
         indices: Vec<usize>,
     ) -> Result<(), QueueError> {
-        self.blocking(move |inner| inner.mark_delay_notified(id, indices))
+        self.committed(move |core, txn| core.mark_delay_notified(txn, id, &indices))
             .await
     }
 
     /// Whether a leased message has outlived the queue lifetime at `now`.
     pub fn expired(&self, lease: &Lease, now: SystemTime) -> bool {
-        now >= lease.arrival + self.inner.opts.lifetime
+        now >= lease.arrival + self.inner.core.opts.lifetime
     }
 
     /// The configured message lifetime.
     pub fn lifetime(&self) -> Duration {
-        self.inner.opts.lifetime
+        self.inner.core.opts.lifetime
     }
 
     /// Summaries of all queued messages.
@@ -311,7 +329,7 @@ impl Queue {
         self.blocking(|inner| inner.stats()).await
     }
 
-    /// Number of enqueue transactions (group commits) so far.
+    /// Number of committer transactions (group commits) so far.
     #[doc(hidden)]
     pub fn commit_count(&self) -> u64 {
         self.inner.committer.commits()
@@ -319,13 +337,18 @@ impl Queue {
 
     /// Ids of messages quarantined (failed authentication) since the last call, for the audit log.
     pub fn take_quarantined(&self) -> Vec<QueueId> {
-        std::mem::take(
+        let mut ids = std::mem::take(
             &mut *self
                 .inner
+                .core
                 .quarantined
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
-        )
+        );
+        // a group transaction that aborted and re-ran reports its quarantines twice
+        ids.sort_unstable();
+        ids.dedup();
+        ids
     }
 
     /// Re-encrypts every record under the primary key; returns how many messages changed.

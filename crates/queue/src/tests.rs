@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 use redb::ReadableTable;
 
 use super::*;
+use crate::commit::Change;
 use crate::store::{BODY, META};
 
 const KEY_A: [u8; 32] = [0xA1; 32];
@@ -397,6 +398,127 @@ async fn concurrent_enqueues_share_commits() {
         commits < 50,
         "50 enqueues took {commits} commits: no grouping"
     );
+}
+
+#[tokio::test]
+async fn concurrent_leases_and_outcomes_share_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(dir.path());
+    for i in 0..50u8 {
+        q.enqueue(envelope("a@x", &["b@y"]), vec![i; 100])
+            .await
+            .unwrap();
+    }
+    let before = q.commit_count();
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let q = q.clone();
+        tasks.push(tokio::spawn(async move {
+            for lease in q.lease_due(later(1), 1).await.unwrap() {
+                let done = vec![(
+                    0,
+                    Outcome::Delivered {
+                        remote: "mx".into(),
+                    },
+                )];
+                q.complete(lease.id, done).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert!(
+        q.list().await.unwrap().is_empty(),
+        "every message delivered"
+    );
+    let commits = q.commit_count() - before;
+    assert!(
+        commits < 100,
+        "50 leases and 50 outcomes took {commits} commits: no grouping"
+    );
+}
+
+#[tokio::test]
+async fn a_failing_write_in_a_group_fails_alone_and_the_others_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(dir.path());
+    let a = q
+        .enqueue(envelope("a@x", &["b@y"]), b"a".to_vec())
+        .await
+        .unwrap();
+    let b = q
+        .enqueue(envelope("a@x", &["b@y"]), b"b".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(q.lease_due(later(1), 10).await.unwrap().len(), 2);
+    q.delete(b).await.unwrap();
+    let c = q
+        .enqueue(envelope("a@x", &["c@y"]), b"c".to_vec())
+        .await
+        .unwrap();
+
+    // the first job blocks the committer until the group behind it has been submitted
+    let before = q.commit_count();
+    let (open_gate, gate) = std::sync::mpsc::channel::<()>();
+    let (started_tx, started) = std::sync::mpsc::channel::<()>();
+    let gate = std::sync::Mutex::new(gate);
+    let (blocker, blocked) = Change::job(move |_txn: &redb::WriteTransaction| {
+        let _ = started_tx.send(());
+        let _ = gate.lock().unwrap().recv();
+        Ok(())
+    });
+    q.inner.committer.submit(blocker).unwrap();
+    // once the blocker runs, its group is closed: everything submitted now forms the next one
+    started.recv_timeout(Duration::from_secs(5)).unwrap();
+    let core = q.inner.core.clone();
+    let now = SystemTime::now();
+    let delivered = || {
+        vec![(
+            0,
+            Outcome::Delivered {
+                remote: "mx".into(),
+            },
+        )]
+    };
+    let (ok, ok_rx) = {
+        let core = core.clone();
+        Change::job(move |txn: &redb::WriteTransaction| core.complete(txn, a, delivered(), now))
+    };
+    let (bad, bad_rx) = {
+        let core = core.clone();
+        Change::job(move |txn: &redb::WriteTransaction| core.complete(txn, b, delivered(), now))
+    };
+    let (lease, lease_rx) = {
+        let core = core.clone();
+        Change::job(move |txn: &redb::WriteTransaction| core.lease_due(txn, later(1), 10))
+    };
+    for job in [ok, bad, lease] {
+        q.inner.committer.submit(job).unwrap();
+    }
+    open_gate.send(()).unwrap();
+
+    blocked.await.unwrap().unwrap();
+    ok_rx.await.unwrap().unwrap();
+    assert!(matches!(bad_rx.await.unwrap(), Err(QueueError::NotFound(id)) if id == b));
+    let leases = lease_rx.await.unwrap().unwrap();
+    assert_eq!(leases.len(), 1);
+    assert_eq!(leases[0].id, c);
+
+    // the group ran as one transaction, then each job on its own after the failure
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while q.commit_count() - before < 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(q.commit_count() - before, 2, "one blocker, one group");
+    // what the re-run returned is what was committed
+    let list = q.list().await.unwrap();
+    assert_eq!(list.len(), 1, "a delivered and gone, b deleted, c queued");
+    let shown = q.show(c).await.unwrap();
+    assert!(matches!(
+        shown.recipients[0].state,
+        RecipientState::InFlight { .. }
+    ));
 }
 
 /// Every file under `dir`, recursively.
