@@ -43,62 +43,77 @@ fn name(text: &str) -> Name {
         .unwrap_or_else(|e| panic!("bad DNS name {text:?}: {e}"))
 }
 
+/// Answers DNS over UDP and TCP on one free port of 127.0.0.1 with `answer` (a wire-format
+/// query in, a wire-format response or nothing out) until the runtime ends; returns the address.
+async fn serve(
+    answer: impl Fn(&[u8]) -> Option<Vec<u8>> + Send + Sync + 'static,
+) -> std::io::Result<SocketAddr> {
+    let (udp, tcp) = loop {
+        let udp = UdpSocket::bind("127.0.0.1:0").await?;
+        if let Ok(tcp) = TcpListener::bind(udp.local_addr()?).await {
+            break (udp, tcp);
+        }
+    };
+    let addr = udp.local_addr()?;
+    let answer = Arc::new(answer);
+    let udp = Arc::new(udp);
+    let a = answer.clone();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        while let Ok((n, peer)) = udp.recv_from(&mut buf).await {
+            if let Some(response) = buf.get(..n).and_then(|p| a(p)) {
+                let _ = udp.send_to(&response, peer).await;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = tcp.accept().await {
+            let a = answer.clone();
+            tokio::spawn(async move {
+                loop {
+                    let mut len = [0u8; 2];
+                    if conn.read_exact(&mut len).await.is_err() {
+                        return;
+                    }
+                    let mut msg = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                    if conn.read_exact(&mut msg).await.is_err() {
+                        return;
+                    }
+                    let Some(response) = a(&msg) else { return };
+                    let Ok(n) = u16::try_from(response.len()) else {
+                        return;
+                    };
+                    if conn.write_all(&n.to_be_bytes()).await.is_err()
+                        || conn.write_all(&response).await.is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Ok(addr)
+}
+
 impl DnsServer {
     /// Binds UDP and TCP on the same free port of 127.0.0.1 and starts answering.
     pub async fn start() -> DnsServer {
-        let (udp, tcp) = loop {
-            let udp = UdpSocket::bind("127.0.0.1:0")
-                .await
-                .unwrap_or_else(|e| panic!("binding DNS UDP: {e}"));
-            let addr = udp.local_addr().unwrap_or_else(|e| panic!("{e}"));
-            if let Ok(tcp) = TcpListener::bind(addr).await {
-                break (udp, tcp);
-            }
-        };
-        let addr = udp.local_addr().unwrap_or_else(|e| panic!("{e}"));
-        let server = DnsServer {
+        Self::try_start()
+            .await
+            .unwrap_or_else(|e| panic!("starting the test DNS server: {e}"))
+    }
+
+    /// Like [`DnsServer::start`], returning a bind failure instead of panicking.
+    pub async fn try_start() -> std::io::Result<DnsServer> {
+        let zone: Arc<Mutex<Zone>> = Arc::default();
+        let queries: Arc<Mutex<Vec<(String, RecordType)>>> = Arc::default();
+        let (z, q) = (zone.clone(), queries.clone());
+        let addr = serve(move |packet| answer(&z, &q, packet)).await?;
+        Ok(DnsServer {
             addr,
-            zone: Arc::default(),
-            queries: Arc::default(),
-        };
-        let udp = Arc::new(udp);
-        let s = server.clone();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            while let Ok((n, peer)) = udp.recv_from(&mut buf).await {
-                if let Some(answer) = s.answer(&buf[..n]) {
-                    let _ = udp.send_to(&answer, peer).await;
-                }
-            }
-        });
-        let s = server.clone();
-        tokio::spawn(async move {
-            while let Ok((mut conn, _)) = tcp.accept().await {
-                let s = s.clone();
-                tokio::spawn(async move {
-                    loop {
-                        let mut len = [0u8; 2];
-                        if conn.read_exact(&mut len).await.is_err() {
-                            return;
-                        }
-                        let mut msg = vec![0u8; usize::from(u16::from_be_bytes(len))];
-                        if conn.read_exact(&mut msg).await.is_err() {
-                            return;
-                        }
-                        let Some(answer) = s.answer(&msg) else { return };
-                        let Ok(n) = u16::try_from(answer.len()) else {
-                            return;
-                        };
-                        if conn.write_all(&n.to_be_bytes()).await.is_err()
-                            || conn.write_all(&answer).await.is_err()
-                        {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        server
+            zone,
+            queries,
+        })
     }
 
     /// The nameserver as a TOML list for `dns.nameservers`.
@@ -157,35 +172,40 @@ impl DnsServer {
             .filter(|(n, t)| *n == key(owner) && *t == rtype)
             .count()
     }
+}
 
-    fn answer(&self, packet: &[u8]) -> Option<Vec<u8>> {
-        let request = Message::from_vec(packet).ok()?;
-        let query = request.queries.first()?.clone();
-        let owner = key(&query.name().to_ascii());
-        let rtype = query.query_type();
-        self.queries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((owner.clone(), rtype));
-        let mut response = Message::new(request.metadata.id, MessageType::Response, OpCode::Query);
-        response.metadata.authoritative = true;
-        response.metadata.recursion_desired = request.metadata.recursion_desired;
-        response.metadata.recursion_available = true;
-        response.add_query(query.clone());
-        let zone = self.zone.lock().unwrap_or_else(|p| p.into_inner());
-        if zone.servfail.contains(&owner) {
-            response.metadata.response_code = ResponseCode::ServFail;
-        } else if let Some(data) = zone.records.get(&(owner.clone(), rtype)) {
-            for d in data {
-                response.add_answer(Record::from_rdata(query.name().clone(), 60, d.clone()));
-            }
-        } else {
-            if !zone.names.contains(&owner) {
-                response.metadata.response_code = ResponseCode::NXDomain;
-            }
-            let soa = SOA::new(name("ns.test"), name("hostmaster.test"), 1, 60, 60, 60, 1);
-            response.add_authority(Record::from_rdata(name("test"), 60, RData::SOA(soa)));
+/// The response to one query packet, recording the query.
+fn answer(
+    zone: &Mutex<Zone>,
+    queries: &Mutex<Vec<(String, RecordType)>>,
+    packet: &[u8],
+) -> Option<Vec<u8>> {
+    let request = Message::from_vec(packet).ok()?;
+    let query = request.queries.first()?.clone();
+    let owner = key(&query.name().to_ascii());
+    let rtype = query.query_type();
+    queries
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push((owner.clone(), rtype));
+    let mut response = Message::new(request.metadata.id, MessageType::Response, OpCode::Query);
+    response.metadata.authoritative = true;
+    response.metadata.recursion_desired = request.metadata.recursion_desired;
+    response.metadata.recursion_available = true;
+    response.add_query(query.clone());
+    let zone = zone.lock().unwrap_or_else(|p| p.into_inner());
+    if zone.servfail.contains(&owner) {
+        response.metadata.response_code = ResponseCode::ServFail;
+    } else if let Some(data) = zone.records.get(&(owner.clone(), rtype)) {
+        for d in data {
+            response.add_answer(Record::from_rdata(query.name().clone(), 60, d.clone()));
         }
-        response.to_vec().ok()
+    } else {
+        if !zone.names.contains(&owner) {
+            response.metadata.response_code = ResponseCode::NXDomain;
+        }
+        let soa = SOA::new(name("ns.test"), name("hostmaster.test"), 1, 60, 60, 60, 1);
+        response.add_authority(Record::from_rdata(name("test"), 60, RData::SOA(soa)));
     }
+    response.to_vec().ok()
 }

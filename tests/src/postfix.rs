@@ -55,6 +55,26 @@ fn chown(path: &Path, uid: u32, gid: u32) {
         .unwrap_or_else(|e| panic!("chown {} (tests need root): {e}", path.display()));
 }
 
+/// The `main.cf` lines every instance in a temp dir needs: its queue, data and log under
+/// `base`, Debian's postfix user, loopback networks, no local delivery.
+pub fn instance_main_cf(base: &Path, hostname: &str) -> String {
+    let base = base.display();
+    format!(
+        "compatibility_level = 3.6\n\
+         queue_directory = {base}/queue\n\
+         data_directory = {base}/data\n\
+         mail_owner = postfix\n\
+         setgid_group = postdrop\n\
+         inet_interfaces = all\n\
+         inet_protocols = ipv4\n\
+         myhostname = {hostname}\n\
+         mydestination =\n\
+         mynetworks = 127.0.0.0/8\n\
+         maillog_file_prefixes = {base}\n\
+         maillog_file = {base}/maillog\n"
+    )
+}
+
 impl Postfix {
     /// Starts an instance and waits until it accepts connections.
     pub fn start(opts: PostfixOptions) -> Postfix {
@@ -75,20 +95,9 @@ impl Postfix {
         }
         chown(&base.join("data"), uid, gid);
         chown(&base.join("mail"), uid, gid);
-        let main_cf = format!(
-            "compatibility_level = 3.6\n\
-             queue_directory = {base}/queue\n\
-             data_directory = {base}/data\n\
-             mail_owner = postfix\n\
-             setgid_group = postdrop\n\
-             inet_interfaces = all\n\
-             inet_protocols = ipv4\n\
-             myhostname = {host}\n\
-             mydestination =\n\
-             mynetworks = 127.0.0.0/8\n\
-             maillog_file_prefixes = {base}\n\
-             maillog_file = {base}/maillog\n\
-             virtual_mailbox_domains = {domains}\n\
+        let main_cf = instance_main_cf(base, &opts.hostname)
+            + &format!(
+                "virtual_mailbox_domains = {domains}\n\
              virtual_mailbox_base = {base}/mail\n\
              virtual_mailbox_maps = static:inbox/\n\
              virtual_uid_maps = static:{uid}\n\
@@ -98,13 +107,12 @@ impl Postfix {
              smtpd_tls_security_level = may\n\
              smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination\n\
              {extra}\n",
-            base = base.display(),
-            host = opts.hostname,
-            domains = opts.mailbox_domains.join(", "),
-            cert = opts.cert_chain.display(),
-            key = opts.key.display(),
-            extra = opts.extra_main_cf.join("\n"),
-        );
+                base = base.display(),
+                domains = opts.mailbox_domains.join(", "),
+                cert = opts.cert_chain.display(),
+                key = opts.key.display(),
+                extra = opts.extra_main_cf.join("\n"),
+            );
         std::fs::write(base.join("conf/main.cf"), main_cf)
             .unwrap_or_else(|e| panic!("main.cf: {e}"));
         let master = std::fs::read_to_string("/etc/postfix/master.cf")

@@ -670,6 +670,12 @@ async fn one_delay_notice_while_held() {
         .collect();
     assert_eq!(notices.len(), 1, "{notices:?}");
     assert!(relay.queue_ids().contains(&id));
+    // `queue show` tells the operator the notice went out
+    let shown = relay.queue_json(&["show", &id]);
+    assert_eq!(shown["recipients"][0]["delay_notified"], true, "{shown}");
+    let text = relay.cli(&["queue", "show", &id]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("delay-notice-sent"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

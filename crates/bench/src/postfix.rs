@@ -60,21 +60,11 @@ fn id_of(flag: &str) -> Result<u32, BenchError> {
 
 /// The `main.cf` for the instance.
 pub fn main_cf(base: &Path, o: &PostfixOptions) -> String {
+    let common = sealpost_tests::postfix::instance_main_cf(base, &o.hostname);
     let base = base.display();
-    format!(
-        "compatibility_level = 3.6\n\
-         queue_directory = {base}/queue\n\
-         data_directory = {base}/data\n\
-         mail_owner = postfix\n\
-         setgid_group = postdrop\n\
-         inet_interfaces = all\n\
-         inet_protocols = ipv4\n\
-         myhostname = {host}\n\
-         mydestination =\n\
-         mynetworks = 127.0.0.0/8\n\
-         maillog_file_prefixes = {base}\n\
-         maillog_file = {base}/maillog\n\
-         smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination\n\
+    common
+        + &format!(
+            "smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination\n\
          smtpd_client_connection_count_limit = 0\n\
          relayhost = [{rip}]:{rport}\n\
          smtp_tls_security_level = secure\n\
@@ -84,12 +74,11 @@ pub fn main_cf(base: &Path, o: &PostfixOptions) -> String {
          smtp_tls_policy_maps = texthash:{base}/conf/tls_policy\n\
          message_size_limit = 52428800\n\
          smtp_tls_connection_reuse = {reuse}\n",
-        host = o.hostname,
-        rip = o.relay.ip(),
-        rport = o.relay.port(),
-        ca = o.ca_file.display(),
-        reuse = if o.tls_reuse { "yes" } else { "no" },
-    )
+            rip = o.relay.ip(),
+            rport = o.relay.port(),
+            ca = o.ca_file.display(),
+            reuse = if o.tls_reuse { "yes" } else { "no" },
+        )
 }
 
 /// The `master.cf`: Debian's, with the smtpd on `listen`, no chroot anywhere (the queue

@@ -3,7 +3,6 @@
 
 use crate::ca::{roots, BenchCa};
 use crate::client::{Client, Security};
-use crate::dns::BenchDns;
 use crate::error::BenchError;
 use crate::load::{self, LoadOptions, LoadReport};
 use crate::mix::{human_size, SizeMix};
@@ -12,6 +11,7 @@ use crate::procfs::{group_cpu_secs, status_kb, PeakSampler};
 use crate::relay::{hash_password, Relay, RelaySetup, BENCH_USER, RELAY_HOSTNAME};
 use crate::report::{IdleReport, Report, Row, StartReport};
 use crate::sink::Sink;
+use sealpost_tests::dns::DnsServer;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -83,7 +83,7 @@ struct Env {
     ca: BenchCa,
     relay_cert: crate::ca::Leaf,
     sink: Sink,
-    dns: BenchDns,
+    dns: DnsServer,
     hash: String,
     opts: RunOptions,
 }
@@ -337,7 +337,10 @@ pub async fn run(opts: RunOptions) -> Result<Report, BenchError> {
         &sink_cert.key_pem,
     )
     .await?;
-    let dns = BenchDns::start(&[RCPT_DOMAIN.to_string()], SINK_NAME, Ipv4Addr::LOCALHOST).await?;
+    let dns = DnsServer::try_start()
+        .await
+        .map_err(|e| BenchError::net("starting the bench DNS server", e))?;
+    dns.mx_at(RCPT_DOMAIN, SINK_NAME, Ipv4Addr::LOCALHOST);
     let hash = {
         let bin = opts.sealpost_bin.clone();
         tokio::task::spawn_blocking(move || hash_password(&bin, PASSWORD))

@@ -3,49 +3,9 @@
 //! the benchmark runs and its numbers are sane, not performance.
 #![allow(clippy::unwrap_used)] // test helpers: a failed step should panic with its error
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
-
-/// `target/<profile>/` from the test executable (`target/<profile>/deps/smoke-…`).
-fn profile_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let deps = exe.parent().unwrap();
-    if deps.ends_with("deps") {
-        deps.parent().unwrap().to_path_buf()
-    } else {
-        deps.to_path_buf()
-    }
-}
-
-/// The `sealpost` binary: `$SEALPOST_BIN`, else built with cargo (a no-op when fresh).
-fn sealpost_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("SEALPOST_BIN") {
-        return PathBuf::from(p);
-    }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../Cargo.toml");
-    let out = Command::new(&cargo)
-        .args([
-            "build",
-            "-p",
-            "sealpost",
-            "--bin",
-            "sealpost",
-            "--manifest-path",
-        ])
-        .arg(&manifest)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "building sealpost: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let bin = profile_dir().join("sealpost");
-    assert!(bin.exists(), "{} missing", bin.display());
-    bin
-}
 
 fn postfix_installed() -> bool {
     Path::new("/usr/sbin/postfix").exists() && Path::new("/etc/postfix/master.cf").exists()
@@ -53,7 +13,7 @@ fn postfix_installed() -> bool {
 
 #[test]
 fn benchmark_runs_end_to_end_with_sane_numbers() {
-    let bin = sealpost_bin();
+    let bin = sealpost_tests::sealpost_bin();
     let work = tempfile::tempdir().unwrap();
     let json = work.path().join("report.json");
     let with_postfix = postfix_installed();
@@ -64,7 +24,7 @@ fn benchmark_runs_end_to_end_with_sane_numbers() {
     let out = Command::new(env!("CARGO_BIN_EXE_sealpost-bench"))
         .arg("run")
         .arg("--sealpost-bin")
-        .arg(&bin)
+        .arg(bin)
         .arg("--work-dir")
         .arg(work.path().join("run"))
         .args([

@@ -86,6 +86,8 @@ pub struct RecipientDetail {
     pub attempts: u32,
     /// The last error.
     pub last_error: Option<String>,
+    /// A delay notice went out for this recipient (none is sent again).
+    pub delay_notified: bool,
 }
 
 /// `queue show`: metadata and per-recipient state, never the body.
@@ -194,6 +196,7 @@ impl Inner {
                 state: r.state.clone(),
                 attempts: r.attempts,
                 last_error: r.last_error.clone(),
+                delay_notified: r.delay_notified,
             })
             .collect();
         Ok(MessageDetail {

@@ -459,7 +459,6 @@ async fn a_failing_write_in_a_group_fails_alone_and_the_others_commit() {
         .unwrap();
 
     // the first job blocks the committer until the group behind it has been submitted
-    let before = q.commit_count();
     let (open_gate, gate) = std::sync::mpsc::channel::<()>();
     let (started_tx, started) = std::sync::mpsc::channel::<()>();
     let gate = std::sync::Mutex::new(gate);
@@ -471,6 +470,9 @@ async fn a_failing_write_in_a_group_fails_alone_and_the_others_commit() {
     q.inner.committer.submit(blocker).unwrap();
     // once the blocker runs, its group is closed: everything submitted now forms the next one
     started.recv_timeout(Duration::from_secs(5)).unwrap();
+    // counted only now: the committer counts a group after replying to it, and the blocker's
+    // group is the first one it has not counted yet
+    let before = q.commit_count();
     let core = q.inner.core.clone();
     let now = SystemTime::now();
     let delivered = || {
@@ -811,6 +813,15 @@ async fn delay_notified_flag_survives_outcomes_and_reopen_and_old_records_decode
         .map(|r| r.delay_notified)
         .collect();
     assert_eq!(flags, vec![false, true]);
+    let shown: Vec<bool> = q
+        .show(id)
+        .await
+        .unwrap()
+        .recipients
+        .iter()
+        .map(|r| r.delay_notified)
+        .collect();
+    assert_eq!(shown, vec![false, true]);
     // A record written before the field existed still decodes, as "not notified".
     let old = r#"{"state":"Pending","attempts":0,"last_error":null,"resume":null}"#;
     let rec: crate::record::RecipientRecord = serde_json::from_str(old).unwrap();

@@ -145,11 +145,16 @@ pub async fn execute(queue: &Queue, audit: &AuditLog, req: &Request) -> Result<S
                 );
                 for r in &d.recipients {
                     s.push_str(&format!(
-                        "rcpt {:>3}: <{}> {:?} attempts={} {}\n",
+                        "rcpt {:>3}: <{}> {:?} attempts={}{} {}\n",
                         r.index,
                         r.address,
                         r.state,
                         r.attempts,
+                        if r.delay_notified {
+                            " delay-notice-sent"
+                        } else {
+                            ""
+                        },
                         r.last_error.as_deref().unwrap_or("")
                     ));
                 }
