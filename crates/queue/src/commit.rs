@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 
 use crate::error::QueueError;
 use crate::id::QueueId;
-use crate::store::{op_err, table_err, Store, BODY, DUE, DUE_BY_ID, META};
+use crate::store::{op_err, table_err, Store, DUE, DUE_BY_ID, META};
 
 /// Most bytes of sealed data written in one group transaction.
 const MAX_BATCH_BYTES: usize = 64 * 1024 * 1024;
@@ -231,10 +231,7 @@ fn insert(txn: &redb::WriteTransaction, job: &Insert) -> Result<(), QueueError> 
         ));
     }
     meta.insert(id, job.meta.as_slice()).map_err(op_err(ctx))?;
-    let mut bodies = txn.open_table(BODY).map_err(table_err(ctx))?;
-    bodies
-        .insert(id, job.body.as_slice())
-        .map_err(op_err(ctx))?;
+    crate::body::put(txn, job.id, &job.body)?;
     let mut due = txn.open_table(DUE).map_err(table_err(ctx))?;
     due.insert((job.due_ms, id), ()).map_err(op_err(ctx))?;
     let mut due_by_id = txn.open_table(DUE_BY_ID).map_err(table_err(ctx))?;

@@ -11,6 +11,9 @@ const VERSION: u8 = 1;
 const HEADER_LEN: usize = 1 + KEY_ID_LEN + NONCE_LEN;
 /// AES-GCM tag length.
 const TAG_LEN: usize = 16;
+/// Bytes sealing adds to a record (header and tag).
+#[cfg(test)]
+pub(crate) const OVERHEAD: usize = HEADER_LEN + TAG_LEN;
 
 /// What a sealed record holds (bound into the associated data).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

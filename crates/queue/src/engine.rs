@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime};
 use redb::{ReadableTable, WriteTransaction};
 use tokio::sync::Notify;
 
+use crate::body;
 use crate::commit::Committer;
 use crate::crypto::{self, CryptoError, Kind};
 use crate::error::QueueError;
@@ -14,7 +15,8 @@ use crate::keys::Keyring;
 use crate::record::{MessageRecord, RecipientState};
 use crate::schedule::{message_due_ms, recipient_due, retry_delay, to_ms};
 use crate::store::{
-    op_err, table_err, Store, BODY, DUE, DUE_BY_ID, META, QUARANTINE_BODY, QUARANTINE_META,
+    op_err, table_err, Store, BODY, BODY_CHUNKS, DUE, DUE_BY_ID, META, QUARANTINE_BODY,
+    QUARANTINE_META,
 };
 use crate::{Lease, LeasedRecipient, Outcome, QueueOptions};
 
@@ -370,11 +372,9 @@ impl Inner {
     pub(crate) fn body(&self, id: QueueId) -> Result<Vec<u8>, QueueError> {
         let ctx = "reading a body";
         let sealed = self.store.read(ctx, |txn| {
-            let bodies = txn.open_table(BODY).map_err(table_err(ctx))?;
-            let guard = bodies.get(id.as_u128()).map_err(op_err(ctx))?;
-            guard
-                .map(|g| g.value().to_vec())
-                .ok_or(QueueError::NotFound(id))
+            let chunks = txn.open_table(BODY_CHUNKS).map_err(table_err(ctx))?;
+            let legacy = txn.open_table(BODY).map_err(table_err(ctx))?;
+            body::get(&chunks, &legacy, id)?.ok_or(QueueError::NotFound(id))
         })?;
         match self.core.unseal(id, Kind::Body, &sealed) {
             Err(QueueError::Integrity { id }) => {
@@ -417,19 +417,23 @@ impl Inner {
                 let mut count = 0u64;
                 for &id in chunk {
                     let mut changed = false;
-                    for (def, kind) in [(META, Kind::Meta), (BODY, Kind::Body)] {
-                        let mut table = txn.open_table(def).map_err(table_err(ctx))?;
-                        let sealed = match table.get(id.as_u128()).map_err(op_err(ctx))? {
-                            Some(g) => g.value().to_vec(),
-                            None => continue,
+                    for kind in [Kind::Meta, Kind::Body] {
+                        let sealed = match kind {
+                            Kind::Meta => txn
+                                .open_table(META)
+                                .map_err(table_err(ctx))?
+                                .get(id.as_u128())
+                                .map_err(op_err(ctx))?
+                                .map(|g| g.value().to_vec()),
+                            Kind::Body => body::get_in(txn, id)?,
                         };
+                        let Some(sealed) = sealed else { continue };
                         if crypto::key_id(&sealed) == Some(&primary[..]) {
                             continue;
                         }
                         let plain = match self.core.unseal(id, kind, &sealed) {
                             Ok(p) => p,
                             Err(QueueError::Integrity { id }) => {
-                                drop(table);
                                 quarantine(txn, id)?;
                                 self.core.report_quarantined(id);
                                 break;
@@ -437,9 +441,15 @@ impl Inner {
                             Err(e) => return Err(e),
                         };
                         let resealed = self.core.seal(id, kind, &plain)?;
-                        table
-                            .insert(id.as_u128(), resealed.as_slice())
-                            .map_err(op_err(ctx))?;
+                        match kind {
+                            Kind::Meta => {
+                                txn.open_table(META)
+                                    .map_err(table_err(ctx))?
+                                    .insert(id.as_u128(), resealed.as_slice())
+                                    .map_err(op_err(ctx))?;
+                            }
+                            Kind::Body => body::replace(txn, id, &resealed)?,
+                        }
                         changed = true;
                     }
                     if changed {
@@ -520,10 +530,7 @@ pub(crate) fn remove_message(txn: &WriteTransaction, id: QueueId) -> Result<bool
         .remove(id.as_u128())
         .map_err(op_err(ctx))?
         .is_some();
-    txn.open_table(BODY)
-        .map_err(table_err(ctx))?
-        .remove(id.as_u128())
-        .map_err(op_err(ctx))?;
+    body::remove(txn, id)?;
     set_due(txn, id, None)?;
     Ok(existed)
 }
@@ -531,13 +538,16 @@ pub(crate) fn remove_message(txn: &WriteTransaction, id: QueueId) -> Result<bool
 /// Moves a message's sealed records into the quarantine tables.
 pub(crate) fn quarantine(txn: &WriteTransaction, id: QueueId) -> Result<(), QueueError> {
     let ctx = "quarantining a record";
-    for (from, to) in [(META, QUARANTINE_META), (BODY, QUARANTINE_BODY)] {
-        let sealed = txn
-            .open_table(from)
-            .map_err(table_err(ctx))?
-            .remove(id.as_u128())
-            .map_err(op_err(ctx))?
-            .map(|g| g.value().to_vec());
+    let meta = txn
+        .open_table(META)
+        .map_err(table_err(ctx))?
+        .remove(id.as_u128())
+        .map_err(op_err(ctx))?
+        .map(|g| g.value().to_vec());
+    // the body is kept whole in quarantine: it is evidence, read rarely if ever
+    let body = body::get_in(txn, id)?;
+    body::remove(txn, id)?;
+    for (sealed, to) in [(meta, QUARANTINE_META), (body, QUARANTINE_BODY)] {
         if let Some(sealed) = sealed {
             txn.open_table(to)
                 .map_err(table_err(ctx))?

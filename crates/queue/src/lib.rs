@@ -5,6 +5,7 @@
 //! share one commit.
 
 mod admin;
+mod body;
 mod commit;
 mod crypto;
 mod engine;

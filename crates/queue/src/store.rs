@@ -9,8 +9,11 @@ use crate::error::QueueError;
 
 /// Sealed envelope + state records by queue id.
 pub(crate) const META: TableDefinition<u128, &[u8]> = TableDefinition::new("meta");
-/// Sealed bodies by queue id.
+/// Sealed bodies by queue id, whole (written before bodies were chunked; read, never written).
 pub(crate) const BODY: TableDefinition<u128, &[u8]> = TableDefinition::new("body");
+/// Sealed bodies in chunks: (queue id, chunk index) → bytes (see `body.rs`).
+pub(crate) const BODY_CHUNKS: TableDefinition<(u128, u32), &[u8]> =
+    TableDefinition::new("body_chunks");
 /// Due index: (due ms, queue id) → ().
 pub(crate) const DUE: TableDefinition<(u64, u128), ()> = TableDefinition::new("due");
 /// Current due ms of each message in `DUE` (to find its index entry).
@@ -46,6 +49,8 @@ impl Store {
             txn.open_table(DUE)
                 .map_err(|e| corrupt_or(path, "creating tables", e))?;
             txn.open_table(DUE_BY_ID)
+                .map_err(|e| corrupt_or(path, "creating tables", e))?;
+            txn.open_table(BODY_CHUNKS)
                 .map_err(|e| corrupt_or(path, "creating tables", e))?;
         }
         txn.commit()

@@ -5,11 +5,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, SystemTime};
 
-use redb::ReadableTable;
+use redb::{ReadableTable, ReadableTableMetadata};
 
 use super::*;
 use crate::commit::Change;
-use crate::store::{BODY, META};
+use crate::store::{BODY, BODY_CHUNKS, META};
 
 const KEY_A: [u8; 32] = [0xA1; 32];
 const KEY_B: [u8; 32] = [0xB2; 32];
@@ -583,6 +583,141 @@ async fn no_plaintext_reaches_the_disk() {
     assert!(scanned > 0);
 }
 
+/// Overwrites one byte in the middle of the first chunk of a stored body via redb.
+fn tamper_body(dir: &Path, id: QueueId) {
+    let db = redb::Database::create(dir.join(crate::store::STORE_FILE)).unwrap();
+    let txn = db.begin_write().unwrap();
+    {
+        let mut t = txn.open_table(BODY_CHUNKS).unwrap();
+        let key = (id.as_u128(), 0u32);
+        let mut value = t.get(key).unwrap().unwrap().value().to_vec();
+        let i = value.len() / 2 + 5;
+        value[i] ^= 0x40;
+        t.insert(key, value.as_slice()).unwrap();
+    }
+    txn.commit().unwrap();
+}
+
+/// Chunk counts per message in the store, and whether the legacy body table holds anything.
+fn stored_bodies(dir: &Path) -> (std::collections::BTreeMap<u128, u32>, usize) {
+    let db = redb::Database::create(dir.join(crate::store::STORE_FILE)).unwrap();
+    let txn = redb::ReadableDatabase::begin_read(&db).unwrap();
+    let mut chunks = std::collections::BTreeMap::new();
+    for entry in txn.open_table(BODY_CHUNKS).unwrap().iter().unwrap() {
+        let (k, v) = entry.unwrap();
+        assert!(v.value().len() <= crate::body::CHUNK);
+        *chunks.entry(k.value().0).or_insert(0) += 1;
+    }
+    let legacy = txn.open_table(BODY).unwrap().len().unwrap() as usize;
+    (chunks, legacy)
+}
+
+/// Rewrites a message's body the way stores written before chunking held it: whole, in `BODY`.
+fn make_legacy_body(dir: &Path, id: QueueId) {
+    let db = redb::Database::create(dir.join(crate::store::STORE_FILE)).unwrap();
+    let txn = db.begin_write().unwrap();
+    {
+        let mut chunks = txn.open_table(BODY_CHUNKS).unwrap();
+        let key = id.as_u128();
+        let mut whole = Vec::new();
+        for entry in chunks.range((key, 0)..=(key, u32::MAX)).unwrap() {
+            whole.extend_from_slice(entry.unwrap().1.value());
+        }
+        chunks
+            .retain_in((key, 0)..=(key, u32::MAX), |_, _| false)
+            .unwrap();
+        txn.open_table(BODY)
+            .unwrap()
+            .insert(key, whole.as_slice())
+            .unwrap();
+    }
+    txn.commit().unwrap();
+}
+
+#[tokio::test]
+async fn bodies_are_stored_in_small_chunks_and_removed_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let chunk = crate::body::CHUNK;
+    let seal = crate::crypto::OVERHEAD;
+    let sizes = [0usize, 10, chunk - seal, chunk - seal + 1, 1024 * 1024 + 7];
+    let mut ids = Vec::new();
+    {
+        let q = open(dir.path());
+        for (i, size) in sizes.iter().enumerate() {
+            let body: Vec<u8> = (0..*size).map(|n| (n % 251) as u8 ^ i as u8).collect();
+            let id = q.enqueue(envelope("a@x", &["b@y"]), body).await.unwrap();
+            ids.push(id);
+        }
+    }
+    let (chunks, legacy) = stored_bodies(dir.path());
+    assert_eq!(legacy, 0);
+    // sealing adds a header and a tag; one byte past a full chunk needs a second one
+    let counts: Vec<u32> = ids.iter().map(|id| chunks[&id.as_u128()]).collect();
+    let big = u32::try_from((1024 * 1024 + 7 + seal).div_ceil(chunk)).unwrap();
+    assert!(big > 1);
+    assert_eq!(counts, vec![1, 1, 1, 2, big]);
+    let q = open(dir.path());
+    for (i, (id, size)) in ids.iter().zip(sizes).enumerate() {
+        let body: Vec<u8> = (0..size).map(|n| (n % 251) as u8 ^ i as u8).collect();
+        assert_eq!(q.body(*id).await.unwrap(), body, "body {i} round trip");
+    }
+    for lease in q.lease_due(later(1), 10).await.unwrap() {
+        let done = vec![(
+            0,
+            Outcome::Delivered {
+                remote: "mx".into(),
+            },
+        )];
+        q.complete(lease.id, done).await.unwrap();
+    }
+    drop(q);
+    assert_eq!(
+        stored_bodies(dir.path()),
+        (Default::default(), 0),
+        "all removed"
+    );
+}
+
+#[tokio::test]
+async fn bodies_stored_whole_before_chunking_are_read_rekeyed_and_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = vec![b'L'; 600_000];
+    let (a, b) = {
+        let q = open(dir.path());
+        let a = q
+            .enqueue(envelope("a@x", &["b@y"]), body.clone())
+            .await
+            .unwrap();
+        let b = q
+            .enqueue(envelope("a@x", &["c@y"]), body.clone())
+            .await
+            .unwrap();
+        (a, b)
+    };
+    make_legacy_body(dir.path(), a);
+    make_legacy_body(dir.path(), b);
+    assert_eq!(stored_bodies(dir.path()).1, 2);
+    let q = open(dir.path());
+    assert_eq!(q.body(a).await.unwrap(), body);
+    q.delete(b).await.unwrap();
+    drop(q);
+    assert_eq!(
+        stored_bodies(dir.path()).1,
+        1,
+        "deleting removes the legacy body"
+    );
+    // rekeying moves the legacy body into chunks under the new key
+    let q = Queue::open(opts(dir.path()), Keyring::from_raw(KEY_B, &[KEY_A])).unwrap();
+    assert_eq!(q.rekey(&mut |_, _| {}).unwrap(), 1);
+    assert_eq!(q.body(a).await.unwrap(), body);
+    drop(q);
+    let (chunks, legacy) = stored_bodies(dir.path());
+    assert_eq!(legacy, 0);
+    let expected =
+        u32::try_from((body.len() + crate::crypto::OVERHEAD).div_ceil(crate::body::CHUNK));
+    assert_eq!(chunks.get(&a.as_u128()), expected.ok().as_ref());
+}
+
 /// Overwrites one byte inside a stored sealed value via redb (so the file stays a valid store).
 fn tamper(dir: &Path, table: redb::TableDefinition<u128, &[u8]>, id: QueueId) {
     let db = redb::Database::create(dir.join(crate::store::STORE_FILE)).unwrap();
@@ -627,7 +762,7 @@ async fn tampered_records_are_quarantined_and_never_leased() {
     drop(q);
 
     // a tampered body: reading it reports Integrity and quarantines the message
-    tamper(dir.path(), BODY, b);
+    tamper_body(dir.path(), b);
     let q = open(dir.path());
     assert!(matches!(q.body(b).await, Err(QueueError::Integrity { id }) if id == b));
     assert!(q.lease_due(later(3600), 10).await.unwrap().is_empty());
