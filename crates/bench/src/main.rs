@@ -130,6 +130,9 @@ enum Cmd {
         /// Messages of each acceptance-only row (0 skips them).
         #[arg(long, default_value_t = 5000)]
         accept_messages: u64,
+        /// Runs of each acceptance-only row (alternating empty and queued; the median is reported).
+        #[arg(long, default_value_t = 3)]
+        accept_repeats: usize,
         /// Messages queued before the "N queued" rows (0 skips them).
         #[arg(long, default_value_t = 200_000)]
         queued: u64,
@@ -282,6 +285,7 @@ async fn main_async(cli: Cli) -> Result<(), BenchError> {
             fifty_kb_messages,
             fifty_kb_rate,
             accept_messages,
+            accept_repeats,
             queued,
             queued_size,
             idle_sessions,
@@ -304,6 +308,7 @@ async fn main_async(cli: Cli) -> Result<(), BenchError> {
                 fifty_kb_messages,
                 fifty_kb_rate,
                 accept_messages,
+                accept_repeats: accept_repeats.max(1),
                 queued,
                 queued_size: one_size(&queued_size)?,
                 idle_sessions,

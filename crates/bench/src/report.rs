@@ -37,6 +37,10 @@ pub struct Row {
     /// The machine's 1-minute load average when the row started and ended (the machine may be
     /// shared; a high load means other work competed for the cores).
     pub loadavg: (f64, f64),
+    /// Accepted msg/s of every run when the row is the median of repeated runs.
+    pub repeats: Vec<f64>,
+    /// Whether the kernel's page cache was dropped right before the row (see `settle_memory`).
+    pub page_cache_dropped: Option<bool>,
 }
 
 impl Row {
@@ -67,6 +71,8 @@ impl Row {
             bench_cpu_secs: 0.0,
             tls_handshakes: None,
             loadavg: (0.0, 0.0),
+            repeats: Vec::new(),
+            page_cache_dropped: None,
         }
     }
 }
@@ -300,6 +306,19 @@ impl Report {
                 ));
             }
             notes.push(format!("load avg {:.1}→{:.1}", r.loadavg.0, r.loadavg.1));
+            if r.repeats.len() > 1 {
+                let all: Vec<String> = r.repeats.iter().map(|v| f(*v)).collect();
+                notes.push(format!(
+                    "median of {} runs ({} msg/s)",
+                    r.repeats.len(),
+                    all.join(", ")
+                ));
+            }
+            match r.page_cache_dropped {
+                Some(true) => notes.push("page cache dropped before each run".into()),
+                Some(false) => notes.push("page cache NOT dropped (needs root)".into()),
+                None => {}
+            }
             if let Some(h) = r.tls_handshakes {
                 notes.push(format!("{h} TLS handshakes at the sink"));
             }

@@ -36,7 +36,7 @@ fn benchmark_runs_end_to_end_with_sane_numbers() {
             "3",
         ])
         .args(["--fifty-kb-messages", "100", "--fifty-kb-rate", "100"])
-        .args(["--accept-messages", "200"])
+        .args(["--accept-messages", "200", "--accept-repeats", "3"])
         .args(["--queued", "2000", "--idle-sessions", "50"])
         .args(["--delivery-timeout", "60", "--quiet"])
         .args(["--postfix", if with_postfix { "require" } else { "skip" }])
@@ -128,6 +128,21 @@ fn benchmark_runs_end_to_end_with_sane_numbers() {
         let r = row(tag);
         assert_eq!(r["load"]["accepted"], 200, "{tag}: {r}");
         assert!(r["sink"].is_null(), "{tag}: delivery is paused");
+        // The row is the median of three runs and carries all three rates.
+        let mut rates: Vec<f64> = r["repeats"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(rates.len(), 3, "{tag}: {r}");
+        rates.sort_by(f64::total_cmp);
+        assert_eq!(
+            r["load"]["accepted_per_s"].as_f64().unwrap(),
+            rates[1],
+            "{tag}"
+        );
+        assert!(r["page_cache_dropped"].is_boolean(), "{tag}: {r}");
     }
     assert_eq!(report["start"]["queued"], 2000);
     assert!(report["start"]["start_secs"].as_f64().unwrap() > 0.0);
