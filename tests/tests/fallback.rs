@@ -1,6 +1,7 @@
 //! Black-box tests of fallback and accountability (issue 5): the real `sealpost serve` bounces
 //! with RFC 3464 DSNs delivered to the sender's (test) mailbox over verified TLS, relays through
-//! an AUTH smarthost on implicit TLS, expires, drops null-sender failures, sends one delay notice,
+//! an AUTH smarthost on implicit TLS and on STARTTLS (sending nothing but EHLO to one that does
+//! not offer STARTTLS), expires, drops null-sender failures, sends one delay notice,
 //! keeps a marker from subject and body out of every log and audit file, and `audit verify`
 //! catches tampering with a rotated audit file.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
@@ -109,13 +110,22 @@ impl World {
     /// An AUTH smarthost on implicit TLS at 127.0.0.`last`, in DNS as `smarthost.test`, and the
     /// `[smarthosts.relay]` TOML for it.
     async fn smarthost(&self, last: u8) -> (Smarthost, String) {
+        self.smarthost_in(last, SmartMode::Implicit).await
+    }
+
+    /// A smarthost in `mode` at 127.0.0.`last`, and the `[smarthosts.relay]` TOML for it.
+    async fn smarthost_in(&self, last: u8, mode: SmartMode) -> (Smarthost, String) {
         self.dns.address(SMART_HOST, ip(last));
         let files = self.ca.issue("smarthost", &LeafSpec::new(&[SMART_HOST]));
-        let host = Smarthost::start(SocketAddr::new(ip(last), 0), &files).await;
+        let host = Smarthost::start(SocketAddr::new(ip(last), 0), &files, mode).await;
+        let mode = match mode {
+            SmartMode::Implicit => "implicit",
+            SmartMode::StartTls | SmartMode::NoStartTls => "starttls",
+        };
         let password_file = self.dir.path().join("smarthost.password");
         std::fs::write(&password_file, format!("{SMART_PASSWORD}\n")).unwrap();
         let toml = format!(
-            "[smarthosts.relay]\nhost = \"{SMART_HOST}\"\nport = {}\nmode = \"implicit\"\nusername = \"{SMART_USER}\"\npassword_file = \"{}\"\n\n",
+            "[smarthosts.relay]\nhost = \"{SMART_HOST}\"\nport = {}\nmode = \"{mode}\"\nusername = \"{SMART_USER}\"\npassword_file = \"{}\"\n\n",
             host.addr.port(),
             password_file.display()
         );
@@ -136,14 +146,79 @@ struct Relayed {
     data: Vec<u8>,
 }
 
-/// A smarthost on implicit TLS that requires AUTH PLAIN or LOGIN before MAIL.
+/// How the test smarthost speaks TLS.
+#[derive(Debug, Clone, Copy)]
+enum SmartMode {
+    /// TLS from the first byte.
+    Implicit,
+    /// Plaintext greeting and EHLO (STARTTLS offered, AUTH not), then STARTTLS.
+    StartTls,
+    /// Plaintext only: STARTTLS never offered, AUTH offered in the clear (a downgrade trap).
+    NoStartTls,
+}
+
+/// A smarthost that requires AUTH PLAIN or LOGIN before MAIL, and logs every command it got
+/// with whether it came over TLS.
 struct Smarthost {
     addr: SocketAddr,
     got: Arc<Mutex<Vec<Relayed>>>,
+    commands: Arc<Mutex<Vec<(bool, String)>>>,
+}
+
+/// What a session logs: the command verb and whether TLS was on.
+type CommandLog = Arc<Mutex<Vec<(bool, String)>>>;
+
+fn log_command(log: &CommandLog, tls: bool, cmd: &str) {
+    let verb = cmd
+        .split(' ')
+        .next()
+        .unwrap_or_default()
+        .to_ascii_uppercase();
+    log.lock().unwrap().push((tls, verb));
+}
+
+/// The plaintext part of a STARTTLS session: greeting, EHLO, and STARTTLS if `offer`.
+/// Returns the stream once STARTTLS was answered 220, or `None` if the client left.
+async fn plaintext_phase(
+    tcp: tokio::net::TcpStream,
+    offer: bool,
+    log: &CommandLog,
+) -> std::io::Result<Option<tokio::net::TcpStream>> {
+    let mut s = BufReader::new(tcp);
+    s.get_mut()
+        .write_all(b"220 smarthost.test ESMTP\r\n")
+        .await?;
+    loop {
+        let mut l = String::new();
+        if s.read_line(&mut l).await? == 0 {
+            return Ok(None);
+        }
+        let cmd = l.trim_end().to_string();
+        log_command(log, false, &cmd);
+        let upper = cmd.to_ascii_uppercase();
+        let reply: &[u8] = if upper.starts_with("EHLO") && offer {
+            b"250-smarthost.test\r\n250-STARTTLS\r\n250 8BITMIME\r\n"
+        } else if upper.starts_with("EHLO") {
+            b"250-smarthost.test\r\n250-AUTH PLAIN LOGIN\r\n250 8BITMIME\r\n"
+        } else if upper == "STARTTLS" && offer {
+            s.get_mut()
+                .write_all(b"220 2.0.0 ready to start TLS\r\n")
+                .await?;
+            return Ok(Some(s.into_inner()));
+        } else if upper == "QUIT" {
+            s.get_mut().write_all(b"221 2.0.0 bye\r\n").await?;
+            return Ok(None);
+        } else if upper.starts_with("AUTH") || upper.starts_with("MAIL") {
+            b"530 5.7.0 must issue STARTTLS first\r\n"
+        } else {
+            b"502 5.5.1 not implemented\r\n"
+        };
+        s.get_mut().write_all(reply).await?;
+    }
 }
 
 impl Smarthost {
-    async fn start(bind: SocketAddr, files: &CertFiles) -> Smarthost {
+    async fn start(bind: SocketAddr, files: &CertFiles, mode: SmartMode) -> Smarthost {
         let listener = TcpListener::bind(bind).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let acceptor = tokio_rustls::TlsAcceptor::from(server_config(
@@ -152,18 +227,38 @@ impl Smarthost {
             &[],
         ));
         let got: Arc<Mutex<Vec<Relayed>>> = Arc::default();
-        let g = got.clone();
+        let commands: CommandLog = Arc::default();
+        let (g, log) = (got.clone(), commands.clone());
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
-                let (acceptor, g) = (acceptor.clone(), g.clone());
+                let (acceptor, g, log) = (acceptor.clone(), g.clone(), log.clone());
                 tokio::spawn(async move {
+                    let (tcp, greet) = match mode {
+                        SmartMode::Implicit => (tcp, true),
+                        SmartMode::StartTls | SmartMode::NoStartTls => {
+                            let offer = matches!(mode, SmartMode::StartTls);
+                            match plaintext_phase(tcp, offer, &log).await {
+                                Ok(Some(tcp)) => (tcp, false),
+                                _ => return,
+                            }
+                        }
+                    };
                     if let Ok(tls) = acceptor.accept(tcp).await {
-                        let _ = smarthost_session(BufReader::new(tls), g).await;
+                        let _ = smarthost_session(BufReader::new(tls), g, log, greet).await;
                     }
                 });
             }
         });
-        Smarthost { addr, got }
+        Smarthost {
+            addr,
+            got,
+            commands,
+        }
+    }
+
+    /// Every command verb received, with whether TLS was on.
+    fn commands(&self) -> Vec<(bool, String)> {
+        self.commands.lock().unwrap().clone()
     }
 
     fn received(&self) -> Vec<Relayed> {
@@ -174,6 +269,8 @@ impl Smarthost {
 async fn smarthost_session<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     mut s: BufReader<S>,
     got: Arc<Mutex<Vec<Relayed>>>,
+    log: CommandLog,
+    greet: bool,
 ) -> std::io::Result<()> {
     let b64 = |t: &str| {
         base64::engine::general_purpose::STANDARD
@@ -196,10 +293,13 @@ async fn smarthost_session<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unp
         }
         Ok(Some(l.trim_end().to_string()))
     }
-    say(&mut s, "220 smarthost.test ESMTP\r\n").await?;
+    if greet {
+        say(&mut s, "220 smarthost.test ESMTP\r\n").await?;
+    }
     let mut authed = false;
     let mut current: Option<Relayed> = None;
     while let Some(cmd) = line(&mut s).await? {
+        log_command(&log, true, &cmd);
         let upper = cmd.to_ascii_uppercase();
         if upper.starts_with("EHLO") {
             say(
@@ -496,6 +596,129 @@ async fn bad_certificate_bounces_with_a_dsn_to_the_sender_without_the_body() {
     );
     assert_eq!(relay.cli(&["audit", "verify"]).status.code(), Some(0));
     wait_queue_empty(&relay, 10).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smarthost_over_starttls_sends_auth_and_mail_only_after_tls() {
+    let w = World::new(24).await;
+    let bad = w.expired("badmx.test", 25).await;
+    let (smart, smart_toml) = w.smarthost_in(26, SmartMode::StartTls).await;
+    let relay = w.relay_with(|mut cfg| {
+        cfg.extra_toml.push_str(&smart_toml);
+        cfg.extra_toml.push_str(
+            "[policies.viasmart]\ntls = \"verified\"\non_failure = [\"hold:1s\", \"smarthost:relay\"]\n\n\
+             [domains.\"badmx.test\"]\npolicy = \"viasmart\"\n",
+        );
+        cfg
+    });
+    let id = submit(
+        &relay,
+        &["doc@badmx.test"],
+        "lab results",
+        "Results attached.\r\n",
+    )
+    .await;
+    let lines = wait_audit(
+        &relay,
+        30,
+        "delivered via the STARTTLS smarthost",
+        |lines| !events(lines, "delivered", "doc@badmx.test").is_empty(),
+    )
+    .await;
+    let got = smart.received();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(got[0].authenticated);
+    assert_eq!(got[0].rcpt_to, vec!["doc@badmx.test".to_string()]);
+    assert!(String::from_utf8_lossy(&got[0].data).contains("Results attached."));
+    assert!(!bad.got_data(), "the bad MX must not get the message");
+    // In the clear only EHLO and STARTTLS; AUTH and the envelope only under TLS.
+    let commands = smart.commands();
+    let plain: Vec<&str> = commands
+        .iter()
+        .filter(|(tls, _)| !tls)
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(plain, ["EHLO", "STARTTLS"], "{commands:?}");
+    for verb in ["EHLO", "AUTH", "MAIL", "RCPT", "DATA"] {
+        assert!(
+            commands.contains(&(true, verb.to_string())),
+            "{verb} not sent under TLS: {commands:?}"
+        );
+    }
+    let attempt = lines
+        .iter()
+        .find(|l| l["event"] == "attempt" && l["mx"] == SMART_HOST && l["queue_id"] == id.as_str())
+        .expect("smarthost attempt audited");
+    assert_eq!(attempt["tls"]["verified"], true, "{attempt}");
+    assert_eq!(attempt["detail"]["via"], "smarthost:relay");
+    assert!(!relay.logs().contains(SMART_PASSWORD));
+    assert!(!relay.audit_text().contains(SMART_PASSWORD));
+    wait_queue_empty(&relay, 10).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smarthost_that_does_not_offer_starttls_gets_no_password_and_no_mail() {
+    let w = World::new(27).await;
+    let bad = w.expired("badmx.test", 28).await;
+    let (smart, smart_toml) = w.smarthost_in(29, SmartMode::NoStartTls).await;
+    let relay = w.relay_with(|mut cfg| {
+        cfg.extra_toml.push_str(&smart_toml);
+        // No bounce step: once the smarthost fails, the recipient stays queued for retry.
+        cfg.extra_toml.push_str(
+            "[policies.viasmart]\ntls = \"verified\"\non_failure = [\"hold:1s\", \"smarthost:relay\"]\n\n\
+             [domains.\"badmx.test\"]\npolicy = \"viasmart\"\n",
+        );
+        cfg
+    });
+    let id = submit(
+        &relay,
+        &["doc@badmx.test"],
+        "lab results",
+        "Results attached.\r\n",
+    )
+    .await;
+    let lines = wait_audit(&relay, 30, "a refused smarthost attempt", |lines| {
+        lines
+            .iter()
+            .any(|l| l["event"] == "attempt" && l["mx"] == SMART_HOST)
+    })
+    .await;
+    let attempt = lines
+        .iter()
+        .find(|l| l["event"] == "attempt" && l["mx"] == SMART_HOST && l["queue_id"] == id.as_str())
+        .expect("smarthost attempt audited");
+    assert_eq!(
+        attempt["tls"]["reason"], "starttls_not_offered",
+        "{attempt}"
+    );
+    assert_ne!(attempt["tls"]["verified"], true, "{attempt}");
+    // The smarthost offered AUTH in the clear; Sealpost sent neither it nor an envelope.
+    let commands = smart.commands();
+    assert!(
+        !commands.is_empty(),
+        "Sealpost never talked to the smarthost"
+    );
+    for (tls, verb) in &commands {
+        assert!(!tls, "{commands:?}");
+        assert!(
+            verb == "EHLO" || verb == "QUIT",
+            "sent {verb} without TLS: {commands:?}"
+        );
+    }
+    assert!(smart.received().is_empty());
+    assert!(!bad.got_data(), "the bad MX must not get the message");
+    assert!(events(&lines, "delivered", "doc@badmx.test").is_empty());
+    assert!(events(&lines, "bounced", "doc@badmx.test").is_empty());
+    assert_eq!(
+        relay.queue_ids(),
+        vec![id.clone()],
+        "the message stays queued"
+    );
+    assert_eq!(
+        w.mailbox.received().len(),
+        0,
+        "no DSN: nothing failed for good"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
