@@ -5,8 +5,9 @@
 //! as the store file grew. The queue's `SEALPOST_BENCH_PREFILL` benchmark shows it: enqueueing
 //! the end-to-end size mix fell from ~2,100 to ~1,550 msg/s over three rounds into an empty
 //! store, and ran at 1,270–1,630 msg/s into one holding 200,000 messages. With chunks, the same
-//! rounds run at ~3,000–3,300 and ~2,000–2,900 msg/s. Bodies written before chunking sit whole in
-//! `BODY`; they are still read, rewritten as chunks if re-keyed, and removed with their message.
+//! rounds run at ~2,700–3,300 and ~2,000–2,900 msg/s. Bodies written before chunking sit whole
+//! in `BODY`; they are still read, rewritten as chunks if re-keyed, and removed with their
+//! message.
 
 use redb::{ReadableTable, WriteTransaction};
 
