@@ -33,6 +33,11 @@ pub(crate) trait Op: Send {
     fn bytes(&self) -> usize {
         0
     }
+    /// Whether this write is in the store after a commit that returned an error (redb can fail
+    /// after the new header is durable, so a failed commit may still have landed).
+    fn landed(&self, _store: &Store) -> bool {
+        false
+    }
 }
 
 /// One enqueue waiting for its commit.
@@ -56,6 +61,16 @@ impl Op for Insert {
 
     fn bytes(&self) -> usize {
         self.meta.len() + self.body.len()
+    }
+
+    fn landed(&self, store: &Store) -> bool {
+        let ctx = "checking an enqueue after a failed commit";
+        store
+            .read(ctx, |txn| {
+                let meta = txn.open_table(META).map_err(table_err(ctx))?;
+                Ok(meta.get(self.id.as_u128()).map_err(op_err(ctx))?.is_some())
+            })
+            .unwrap_or(false)
     }
 }
 
@@ -201,18 +216,28 @@ fn commit_batch(store: &Store, mut batch: Vec<Job>) {
         }
         Err(QueueError::NoSpace) => {
             for job in batch {
-                job.finish(Err(QueueError::NoSpace));
+                let result = if job.landed(store) {
+                    Ok(())
+                } else {
+                    Err(QueueError::NoSpace)
+                };
+                job.finish(result);
             }
         }
         Err(err) if batch.len() == 1 => {
             if let Some(job) = batch.into_iter().next() {
-                job.finish(Err(err));
+                let result = if job.landed(store) { Ok(()) } else { Err(err) };
+                job.finish(result);
             }
         }
         Err(err) => {
             // one bad job must not fail the others: re-run each on its own
             tracing::debug!(error = %err, jobs = batch.len(), "group commit failed; committing one by one");
             for mut job in batch {
+                if job.landed(store) {
+                    job.finish(Ok(()));
+                    continue;
+                }
                 let result = store.write("committing a queue write", |txn| job.apply(txn));
                 job.finish(result);
             }
