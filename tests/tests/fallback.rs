@@ -133,6 +133,19 @@ impl World {
     }
 }
 
+/// A relay that sends `badmx.test` through `[smarthosts.relay]` (`smart_toml`) once `hold` has
+/// passed; without a bounce step, a failed smarthost leaves the recipient queued.
+fn relay_via_smarthost(w: &World, smart_toml: &str, hold: &str) -> Relay {
+    w.relay_with(|mut cfg| {
+        cfg.extra_toml.push_str(smart_toml);
+        cfg.extra_toml.push_str(&format!(
+            "[policies.viasmart]\ntls = \"verified\"\non_failure = [\"hold:{hold}\", \"smarthost:relay\"]\n\n\
+             [domains.\"badmx.test\"]\npolicy = \"viasmart\"\n"
+        ));
+        cfg
+    })
+}
+
 fn ip(last: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
 }
@@ -603,14 +616,7 @@ async fn smarthost_over_starttls_sends_auth_and_mail_only_after_tls() {
     let w = World::new(24).await;
     let bad = w.expired("badmx.test", 25).await;
     let (smart, smart_toml) = w.smarthost_in(26, SmartMode::StartTls).await;
-    let relay = w.relay_with(|mut cfg| {
-        cfg.extra_toml.push_str(&smart_toml);
-        cfg.extra_toml.push_str(
-            "[policies.viasmart]\ntls = \"verified\"\non_failure = [\"hold:1s\", \"smarthost:relay\"]\n\n\
-             [domains.\"badmx.test\"]\npolicy = \"viasmart\"\n",
-        );
-        cfg
-    });
+    let relay = relay_via_smarthost(&w, &smart_toml, "1s");
     let id = submit(
         &relay,
         &["doc@badmx.test"],
@@ -661,15 +667,8 @@ async fn smarthost_that_does_not_offer_starttls_gets_no_password_and_no_mail() {
     let w = World::new(27).await;
     let bad = w.expired("badmx.test", 28).await;
     let (smart, smart_toml) = w.smarthost_in(29, SmartMode::NoStartTls).await;
-    let relay = w.relay_with(|mut cfg| {
-        cfg.extra_toml.push_str(&smart_toml);
-        // No bounce step: once the smarthost fails, the recipient stays queued for retry.
-        cfg.extra_toml.push_str(
-            "[policies.viasmart]\ntls = \"verified\"\non_failure = [\"hold:1s\", \"smarthost:relay\"]\n\n\
-             [domains.\"badmx.test\"]\npolicy = \"viasmart\"\n",
-        );
-        cfg
-    });
+    // No bounce step: once the smarthost fails, the recipient stays queued for retry.
+    let relay = relay_via_smarthost(&w, &smart_toml, "1s");
     let id = submit(
         &relay,
         &["doc@badmx.test"],
@@ -726,14 +725,7 @@ async fn smarthost_relays_over_verified_implicit_tls_with_auth_and_nothing_reach
     let w = World::new(20).await;
     let bad = w.expired("badmx.test", 21).await;
     let (smart, smart_toml) = w.smarthost(22).await;
-    let relay = w.relay_with(|mut cfg| {
-        cfg.extra_toml.push_str(&smart_toml);
-        cfg.extra_toml.push_str(
-            "[policies.viasmart]\ntls = \"verified\"\non_failure = [\"hold:2s\", \"smarthost:relay\"]\n\n\
-             [domains.\"badmx.test\"]\npolicy = \"viasmart\"\n",
-        );
-        cfg
-    });
+    let relay = relay_via_smarthost(&w, &smart_toml, "2s");
     let id = submit(
         &relay,
         &["doc@badmx.test"],

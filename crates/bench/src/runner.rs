@@ -536,10 +536,10 @@ pub async fn run(opts: RunOptions) -> Result<Report, BenchError> {
 ///
 /// Why: on a VM whose balloon reports free pages to the host (Firecracker here), copying data
 /// into new page-cache pages cost several times more in some runs, most likely because the
-/// first write to a page the host has taken back faults on the host. Which runs pay it depended on what the run before
-/// had freed, not on the queue: a fresh empty store measured 1,312–1,392 msg/s after another
-/// run and 1,659–2,259 msg/s right after a state directory was deleted. Dropping the cache
-/// frees recently used pages that every run then reuses alike.
+/// first write to a page the host has taken back faults on the host. Which runs paid it
+/// depended on what the run before had freed, not on the queue: a fresh empty store measured
+/// 1,312–1,392 msg/s after another run and 1,659–2,259 msg/s right after a state directory was
+/// deleted. Dropping the cache frees recently used pages that every run then reuses alike.
 async fn settle_memory() -> bool {
     let synced = tokio::process::Command::new("sync")
         .status()

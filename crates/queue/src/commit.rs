@@ -215,19 +215,14 @@ fn commit_batch(store: &Store, mut batch: Vec<Job>) {
             }
         }
         Err(QueueError::NoSpace) => {
+            // a full disk fails every re-run too: answer each job now
             for job in batch {
-                let result = if job.landed(store) {
-                    Ok(())
-                } else {
-                    Err(QueueError::NoSpace)
-                };
-                job.finish(result);
+                answer_failed(store, job, || QueueError::NoSpace);
             }
         }
         Err(err) if batch.len() == 1 => {
             if let Some(job) = batch.into_iter().next() {
-                let result = if job.landed(store) { Ok(()) } else { Err(err) };
-                job.finish(result);
+                answer_failed(store, job, || err);
             }
         }
         Err(err) => {
@@ -243,6 +238,16 @@ fn commit_batch(store: &Store, mut batch: Vec<Job>) {
             }
         }
     }
+}
+
+/// Answers a job whose transaction failed: Ok if its write landed anyway, else `err`.
+fn answer_failed(store: &Store, job: Job, err: impl FnOnce() -> QueueError) {
+    let result = if job.landed(store) {
+        Ok(())
+    } else {
+        Err(err())
+    };
+    job.finish(result);
 }
 
 fn insert(txn: &redb::WriteTransaction, job: &Insert) -> Result<(), QueueError> {
