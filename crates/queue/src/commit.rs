@@ -3,6 +3,12 @@
 //!
 //! An operation may run more than once: when a group transaction fails, it is aborted and each
 //! operation is re-run in a transaction of its own, so one bad operation cannot fail the others.
+//!
+//! A commit that returned an error may still have landed (redb can fail after the new header is
+//! written). Each enqueue is then looked up: found, and with no failed fsync since the commit
+//! began and a clean sync after, it is answered Ok (it is on disk); found after a failed fsync,
+//! it is removed again and refused, because what a failed fsync left on disk is unknown. Leases
+//! and outcomes are re-run instead; a lease that landed anyway comes back when it expires.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -38,6 +44,10 @@ pub(crate) trait Op: Send {
     fn landed(&self, _store: &Store) -> bool {
         false
     }
+    /// Takes this write out again, for a write that landed but is refused (see `Residue`).
+    fn undo(&self, _txn: &redb::WriteTransaction) -> Result<(), QueueError> {
+        Ok(())
+    }
 }
 
 /// One enqueue waiting for its commit.
@@ -71,6 +81,10 @@ impl Op for Insert {
                 Ok(meta.get(self.id.as_u128()).map_err(op_err(ctx))?.is_some())
             })
             .unwrap_or(false)
+    }
+
+    fn undo(&self, txn: &redb::WriteTransaction) -> Result<(), QueueError> {
+        remove(txn, self)
     }
 }
 
@@ -202,52 +216,93 @@ fn run(store: &Store, rx: &mpsc::Receiver<Job>, max_batch: usize, commits: &Atom
 }
 
 fn commit_batch(store: &Store, mut batch: Vec<Job>) {
+    let failed_syncs = store.health().sync_failures();
     let result = store.write("committing queue writes", |txn| {
         for job in &mut batch {
             job.apply(txn)?;
         }
         Ok(())
     });
-    match result {
+    let err = match result {
         Ok(()) => {
             for job in batch {
                 job.finish(Ok(()));
             }
+            return;
         }
-        Err(QueueError::NoSpace) => {
-            // a full disk fails every re-run too: answer each job now
-            for job in batch {
-                answer_failed(store, job, || QueueError::NoSpace);
-            }
-        }
-        Err(err) if batch.len() == 1 => {
-            if let Some(job) = batch.into_iter().next() {
-                answer_failed(store, job, || err);
-            }
-        }
-        Err(err) => {
-            // one bad job must not fail the others: re-run each on its own
-            tracing::debug!(error = %err, jobs = batch.len(), "group commit failed; committing one by one");
-            for mut job in batch {
-                if job.landed(store) {
-                    job.finish(Ok(()));
-                    continue;
-                }
+        Err(err) => err,
+    };
+    // An fsync that failed leaves unknown what reached the disk: nothing found in the store
+    // afterwards counts as durable.
+    let synced = store.health().sync_failures() == failed_syncs;
+    // A full disk fails every re-run too, and a lone job has nothing to be isolated from.
+    let rerun = !matches!(err, QueueError::NoSpace) && batch.len() > 1;
+    if rerun {
+        tracing::debug!(error = %err, jobs = batch.len(), "group commit failed; committing one by one");
+    }
+    let mut durable = None;
+    let mut err = Some(err);
+    for mut job in batch {
+        match residue(store, &*job, synced, &mut durable) {
+            Residue::Durable => job.finish(Ok(())),
+            Residue::Absent if rerun => {
                 let result = store.write("committing a queue write", |txn| job.apply(txn));
                 job.finish(result);
             }
+            Residue::Absent | Residue::Removed => job.finish(Err(take_or_copy(&mut err))),
         }
     }
 }
 
-/// Answers a job whose transaction failed: Ok if its write landed anyway, else `err`.
-fn answer_failed(store: &Store, job: Job, err: impl FnOnce() -> QueueError) {
-    let result = if job.landed(store) {
-        Ok(())
-    } else {
-        Err(err())
-    };
-    job.finish(result);
+/// What a failed commit left of one job's write.
+enum Residue {
+    /// Not in the store.
+    Absent,
+    /// In the store, and a later fsync succeeded: the commit took effect.
+    Durable,
+    /// In the store but not known to be on disk; removed again (or, if that failed too, left
+    /// for delivery: a duplicate if the client retries, never a loss).
+    Removed,
+}
+
+/// Finds out what a failed commit left of `job`; `durable` caches the one sync all jobs share.
+fn residue(store: &Store, job: &dyn Op, synced: bool, durable: &mut Option<bool>) -> Residue {
+    if !job.landed(store) {
+        return Residue::Absent;
+    }
+    let durable = *durable.get_or_insert_with(|| synced && store.sync().is_ok());
+    if durable {
+        return Residue::Durable;
+    }
+    if let Err(e) = store.write("removing a write whose commit failed", |txn| job.undo(txn)) {
+        tracing::error!(
+            error = %e,
+            "a refused queue write could not be removed; it may still be delivered"
+        );
+    }
+    Residue::Removed
+}
+
+/// The commit's error for the first job answered with it, a copy of its text for the rest.
+fn take_or_copy(err: &mut Option<QueueError>) -> QueueError {
+    match err.take() {
+        Some(e) => {
+            *err = Some(copy(&e));
+            e
+        }
+        None => QueueError::Closed,
+    }
+}
+
+/// An owned error saying the same as `err` (`QueueError` holds I/O errors and is not `Clone`).
+fn copy(err: &QueueError) -> QueueError {
+    match err {
+        QueueError::NoSpace => QueueError::NoSpace,
+        other => QueueError::Storage {
+            context: "committing queue writes",
+            source: Box::new(redb::Error::Io(std::io::Error::other(other.to_string()))),
+        },
+    }
 }
 
 fn insert(txn: &redb::WriteTransaction, job: &Insert) -> Result<(), QueueError> {
@@ -266,5 +321,25 @@ fn insert(txn: &redb::WriteTransaction, job: &Insert) -> Result<(), QueueError> 
     due.insert((job.due_ms, id), ()).map_err(op_err(ctx))?;
     let mut due_by_id = txn.open_table(DUE_BY_ID).map_err(table_err(ctx))?;
     due_by_id.insert(id, job.due_ms).map_err(op_err(ctx))?;
+    Ok(())
+}
+
+/// Removes what `insert` wrote for `job`.
+fn remove(txn: &redb::WriteTransaction, job: &Insert) -> Result<(), QueueError> {
+    let ctx = "removing a refused enqueue";
+    let id = job.id.as_u128();
+    txn.open_table(META)
+        .map_err(table_err(ctx))?
+        .remove(id)
+        .map_err(op_err(ctx))?;
+    crate::body::remove(txn, job.id)?;
+    let mut due_by_id = txn.open_table(DUE_BY_ID).map_err(table_err(ctx))?;
+    if let Some(due_ms) = due_by_id.remove(id).map_err(op_err(ctx))? {
+        let due_ms = due_ms.value();
+        txn.open_table(DUE)
+            .map_err(table_err(ctx))?
+            .remove((due_ms, id))
+            .map_err(op_err(ctx))?;
+    }
     Ok(())
 }

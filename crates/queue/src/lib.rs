@@ -5,6 +5,7 @@
 //! share one commit.
 
 mod admin;
+mod backend;
 mod body;
 mod commit;
 mod crypto;

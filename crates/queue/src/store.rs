@@ -5,6 +5,7 @@ use std::sync::{Arc, RwLock};
 
 use redb::{Database, DatabaseError, ReadTransaction, TableDefinition, WriteTransaction};
 
+use crate::backend::{Backend, Health};
 use crate::error::QueueError;
 
 /// Sealed envelope + state records by queue id.
@@ -32,12 +33,14 @@ pub(crate) const STORE_FILE: &str = "queue.redb";
 pub(crate) struct Store {
     path: PathBuf,
     db: RwLock<Option<Arc<Database>>>,
+    health: Arc<Health>,
 }
 
 impl Store {
     /// Opens or creates the store file and its tables.
     pub(crate) fn open(path: &Path) -> Result<Store, QueueError> {
-        let db = open_db(path)?;
+        let health = Arc::new(Health::default());
+        let db = open_db(path, &health)?;
         let txn = db
             .begin_write()
             .map_err(|e| QueueError::storage("creating tables", e))?;
@@ -58,7 +61,18 @@ impl Store {
         Ok(Store {
             path: path.to_path_buf(),
             db: RwLock::new(Some(Arc::new(db))),
+            health,
         })
+    }
+
+    /// Health counters of the store file (failed fsyncs; injected faults in tests).
+    pub(crate) fn health(&self) -> &Health {
+        &self.health
+    }
+
+    /// Commits an empty transaction: returns Ok once everything written before is on disk.
+    pub(crate) fn sync(&self) -> Result<(), QueueError> {
+        self.write("syncing the store", |_txn| Ok(()))
     }
 
     /// The store file.
@@ -77,7 +91,7 @@ impl Store {
         if let Some(db) = guard.as_ref() {
             return Ok(db.clone());
         }
-        let db = Arc::new(open_db(&self.path)?);
+        let db = Arc::new(open_db(&self.path, &self.health)?);
         *guard = Some(db.clone());
         tracing::warn!(path = %self.path.display(), "queue store reopened after an I/O error");
         Ok(db)
@@ -155,10 +169,13 @@ impl Store {
 const CACHE_BYTES: usize = 64 << 20;
 
 /// Opens or creates the database file, mapping damage to `Corrupt` and a second opener to `Locked`.
-fn open_db(path: &Path) -> Result<Database, QueueError> {
-    redb::Builder::new()
-        .set_cache_size(CACHE_BYTES)
-        .create(path)
+fn open_db(path: &Path, health: &Arc<Health>) -> Result<Database, QueueError> {
+    Backend::open(path, health.clone())
+        .and_then(|backend| {
+            redb::Builder::new()
+                .set_cache_size(CACHE_BYTES)
+                .create_with_backend(backend)
+        })
         .map_err(|e| match e {
             DatabaseError::DatabaseAlreadyOpen => QueueError::Locked {
                 path: path.to_path_buf(),
