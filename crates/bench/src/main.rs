@@ -124,9 +124,10 @@ enum Cmd {
         /// Messages of the 50 KB latency row (0 skips it).
         #[arg(long, default_value_t = 5000)]
         fifty_kb_messages: u64,
-        /// Open-loop rate (msg/s) of the second 50 KB row (0 skips it).
-        #[arg(long, default_value_t = 200.0)]
-        fifty_kb_rate: f64,
+        /// Open-loop rates (msg/s, comma-separated) of the 50 KB rows after the closed-loop one;
+        /// `0` skips them.
+        #[arg(long, value_delimiter = ',', default_values_t = [200.0, 500.0, 700.0])]
+        fifty_kb_rate: Vec<f64>,
         /// Messages of each acceptance-only row (0 skips them).
         #[arg(long, default_value_t = 5000)]
         accept_messages: u64,
@@ -306,7 +307,7 @@ async fn main_async(cli: Cli) -> Result<(), BenchError> {
                 mix: SizeMix::parse(&mix)?,
                 rate,
                 fifty_kb_messages,
-                fifty_kb_rate,
+                fifty_kb_rates: fifty_kb_rate.into_iter().filter(|r| *r > 0.0).collect(),
                 accept_messages,
                 accept_repeats: accept_repeats.max(1),
                 queued,

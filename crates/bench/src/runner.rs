@@ -54,8 +54,8 @@ pub struct RunOptions {
     pub rate: Option<f64>,
     /// Messages of the 50 KB row (0 skips it).
     pub fifty_kb_messages: u64,
-    /// Open-loop rate of the second 50 KB row (0 skips it).
-    pub fifty_kb_rate: f64,
+    /// Open-loop rates of the 50 KB rows after the closed-loop one (messages/s).
+    pub fifty_kb_rates: Vec<f64>,
     /// Messages of each acceptance-only scale row.
     pub accept_messages: u64,
     /// Runs of each acceptance-only row, alternating empty and queued; the median is reported.
@@ -430,12 +430,20 @@ pub async fn run(opts: RunOptions) -> Result<Report, BenchError> {
     report.rows.push(row.map_err(|e| with_log(e, &log))?);
 
     // 3. The latency target's load: 50 KB messages only, closed loop (saturation) and open
-    //    loop at a fixed rate (latency below saturation).
-    let rate = (opts.fifty_kb_rate > 0.0).then_some(opts.fifty_kb_rate);
-    for (tag, rate) in [("sealpost-50k", None), ("sealpost-50k-open", rate)] {
-        if opts.fifty_kb_messages == 0 || (tag == "sealpost-50k-open" && rate.is_none()) {
-            continue;
+    //    loop at fixed rates (latency below saturation), each from a settled page cache.
+    let mut loads = vec![("sealpost-50k".to_string(), None)];
+    for r in &opts.fifty_kb_rates {
+        loads.push((format!("sealpost-50k-open-{r}"), Some(*r)));
+    }
+    for (tag, rate) in loads {
+        if opts.fifty_kb_messages == 0 {
+            break;
         }
+        let tag = tag.as_str();
+        let dropped = match rate {
+            Some(_) => Some(settle_memory().await),
+            None => None,
+        };
         let relay = env.start_relay(tag, false).await?;
         let mut lo = env.load_opts(tag, relay.plain, Security::Plain);
         lo.total = opts.fifty_kb_messages;
@@ -453,7 +461,11 @@ pub async fn run(opts: RunOptions) -> Result<Report, BenchError> {
         };
         let row = env
             .e2e_row(&label, "sealpost", lo, relay.pid(), false)
-            .await;
+            .await
+            .map(|mut row| {
+                row.page_cache_dropped = dropped;
+                row
+            });
         let log = relay.log();
         relay.stop();
         report.rows.push(row.map_err(|e| with_log(e, &log))?);

@@ -35,7 +35,7 @@ fn benchmark_runs_end_to_end_with_sane_numbers() {
             "--auth-sessions",
             "3",
         ])
-        .args(["--fifty-kb-messages", "100", "--fifty-kb-rate", "100"])
+        .args(["--fifty-kb-messages", "100", "--fifty-kb-rate", "100,150"])
         .args(["--accept-messages", "200", "--accept-repeats", "3"])
         .args(["--queued", "2000", "--idle-sessions", "50"])
         .args(["--delivery-timeout", "60", "--quiet"])
@@ -62,7 +62,8 @@ fn benchmark_runs_end_to_end_with_sane_numbers() {
         ("sealpost-plain", 200),
         ("sealpost-auth", 200),
         ("sealpost-50k", 100),
-        ("sealpost-50k-open", 100),
+        ("sealpost-50k-open-100", 100),
+        ("sealpost-50k-open-150", 100),
     ];
     if with_postfix {
         e2e.push(("postfix-plain", 200));
@@ -108,8 +109,12 @@ fn benchmark_runs_end_to_end_with_sane_numbers() {
         );
         let delivered = r["delivered_per_s"].as_f64().unwrap();
         let accepted = load["accepted_per_s"].as_f64().unwrap();
+        // Both rates count the same messages; delivered/s ends at the last arrival, accepted/s
+        // at the last 250. A message is leasable once its queue commit is durable, while its
+        // 250 also waits for the audit record, so the last arrival can come slightly before the
+        // last 250 (seen: 2.4% in a 1.7 s row of a debug build); a rate far above is a bug.
         assert!(
-            delivered > 0.0 && delivered <= accepted * 1.01,
+            delivered > 0.0 && delivered <= accepted * 1.10,
             "{tag}: {delivered} vs {accepted}"
         );
         assert!(r["cpu_secs"].as_f64().unwrap() > 0.0, "{tag}");
@@ -152,6 +157,6 @@ fn benchmark_runs_end_to_end_with_sane_numbers() {
         assert_eq!(i["sessions"], 50, "{i}");
         assert!(i["rss_after_kb"].as_u64().unwrap() > 0, "{i}");
     }
-    let targets = if with_postfix { 7 } else { 6 };
+    let targets = if with_postfix { 8 } else { 7 };
     assert_eq!(report["targets"].as_array().unwrap().len(), targets);
 }
