@@ -510,6 +510,14 @@ fn events<'a>(lines: &'a [Value], event: &str, rcpt: &str) -> Vec<&'a Value> {
 }
 
 /// The plain-words part with its wrapped lines joined again.
+/// The audited attempt of message `id` at the smarthost.
+fn smarthost_attempt<'a>(lines: &'a [Value], id: &str) -> &'a Value {
+    lines
+        .iter()
+        .find(|l| l["event"] == "attempt" && l["mx"] == SMART_HOST && l["queue_id"] == id)
+        .unwrap_or_else(|| panic!("no audited smarthost attempt for {id}"))
+}
+
 fn unwrapped(text: &str) -> String {
     text.replace("\r\n    ", " ")
 }
@@ -651,10 +659,7 @@ async fn smarthost_over_starttls_sends_auth_and_mail_only_after_tls() {
             "{verb} not sent under TLS: {commands:?}"
         );
     }
-    let attempt = lines
-        .iter()
-        .find(|l| l["event"] == "attempt" && l["mx"] == SMART_HOST && l["queue_id"] == id.as_str())
-        .expect("smarthost attempt audited");
+    let attempt = smarthost_attempt(&lines, &id);
     assert_eq!(attempt["tls"]["verified"], true, "{attempt}");
     assert_eq!(attempt["detail"]["via"], "smarthost:relay");
     assert!(!relay.logs().contains(SMART_PASSWORD));
@@ -682,10 +687,7 @@ async fn smarthost_that_does_not_offer_starttls_gets_no_password_and_no_mail() {
             .any(|l| l["event"] == "attempt" && l["mx"] == SMART_HOST)
     })
     .await;
-    let attempt = lines
-        .iter()
-        .find(|l| l["event"] == "attempt" && l["mx"] == SMART_HOST && l["queue_id"] == id.as_str())
-        .expect("smarthost attempt audited");
+    let attempt = smarthost_attempt(&lines, &id);
     assert_eq!(
         attempt["tls"]["reason"], "starttls_not_offered",
         "{attempt}"
@@ -759,10 +761,7 @@ async fn smarthost_relays_over_verified_implicit_tls_with_auth_and_nothing_reach
     assert!(events(&lines, "diverted", "doc@badmx.test")
         .iter()
         .any(|d| d["detail"]["step"] == "smarthost:relay"));
-    let attempt = lines
-        .iter()
-        .find(|l| l["event"] == "attempt" && l["mx"] == SMART_HOST && l["queue_id"] == id.as_str())
-        .expect("smarthost attempt audited");
+    let attempt = smarthost_attempt(&lines, &id);
     assert_eq!(attempt["tls"]["verified"], true, "{attempt}");
     assert_eq!(attempt["detail"]["via"], "smarthost:relay");
     // Never a plaintext password in the logs or the audit trail.

@@ -6,6 +6,9 @@ use crate::sink::SinkReport;
 use serde::Serialize;
 use std::fmt::Write as _;
 
+/// Tag prefix of the open-loop 50 KB rows; the offered rate follows it.
+pub const OPEN_50K_TAG: &str = "sealpost-50k-open-";
+
 /// One measured row.
 #[derive(Debug, Clone, Serialize)]
 pub struct Row {
@@ -238,7 +241,7 @@ impl Report {
             .rows
             .iter()
             .filter_map(|r| {
-                let rate = r.load.tag.strip_prefix("sealpost-50k-open-")?;
+                let rate = r.load.tag.strip_prefix(OPEN_50K_TAG)?;
                 Some((
                     r.load.tag.clone(),
                     format!("open loop, {rate} msg/s offered"),

@@ -9,7 +9,7 @@ use crate::mix::{human_size, SizeMix};
 use crate::postfix::{self, Postfix, PostfixOptions};
 use crate::procfs::{group_cpu_secs, status_kb, PeakSampler};
 use crate::relay::{hash_password, Relay, RelaySetup, BENCH_USER, RELAY_HOSTNAME};
-use crate::report::{IdleReport, Report, Row, StartReport};
+use crate::report::{IdleReport, Report, Row, StartReport, OPEN_50K_TAG};
 use crate::sink::Sink;
 use sealpost_tests::dns::DnsServer;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -431,14 +431,18 @@ pub async fn run(opts: RunOptions) -> Result<Report, BenchError> {
 
     // 3. The latency target's load: 50 KB messages only, closed loop (saturation) and open
     //    loop at fixed rates (latency below saturation), each from a settled page cache.
-    let mut loads = vec![("sealpost-50k".to_string(), None)];
-    for r in &opts.fifty_kb_rates {
-        loads.push((format!("sealpost-50k-open-{r}"), Some(*r)));
-    }
-    for (tag, rate) in loads {
-        if opts.fifty_kb_messages == 0 {
-            break;
-        }
+    let loads = if opts.fifty_kb_messages == 0 {
+        Vec::new()
+    } else {
+        std::iter::once(None)
+            .chain(opts.fifty_kb_rates.iter().copied().map(Some))
+            .collect()
+    };
+    for rate in loads {
+        let tag = match rate {
+            None => "sealpost-50k".to_string(),
+            Some(r) => format!("{OPEN_50K_TAG}{r}"),
+        };
         let tag = tag.as_str();
         let dropped = match rate {
             Some(_) => Some(settle_memory().await),

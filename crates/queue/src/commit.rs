@@ -84,7 +84,7 @@ impl Op for Insert {
     }
 
     fn undo(&self, txn: &redb::WriteTransaction) -> Result<(), QueueError> {
-        remove(txn, self)
+        crate::engine::remove_message(txn, self.id).map(drop)
     }
 }
 
@@ -321,25 +321,5 @@ fn insert(txn: &redb::WriteTransaction, job: &Insert) -> Result<(), QueueError> 
     due.insert((job.due_ms, id), ()).map_err(op_err(ctx))?;
     let mut due_by_id = txn.open_table(DUE_BY_ID).map_err(table_err(ctx))?;
     due_by_id.insert(id, job.due_ms).map_err(op_err(ctx))?;
-    Ok(())
-}
-
-/// Removes what `insert` wrote for `job`.
-fn remove(txn: &redb::WriteTransaction, job: &Insert) -> Result<(), QueueError> {
-    let ctx = "removing a refused enqueue";
-    let id = job.id.as_u128();
-    txn.open_table(META)
-        .map_err(table_err(ctx))?
-        .remove(id)
-        .map_err(op_err(ctx))?;
-    crate::body::remove(txn, job.id)?;
-    let mut due_by_id = txn.open_table(DUE_BY_ID).map_err(table_err(ctx))?;
-    if let Some(due_ms) = due_by_id.remove(id).map_err(op_err(ctx))? {
-        let due_ms = due_ms.value();
-        txn.open_table(DUE)
-            .map_err(table_err(ctx))?
-            .remove((due_ms, id))
-            .map_err(op_err(ctx))?;
-    }
     Ok(())
 }

@@ -461,17 +461,7 @@ async fn a_failing_write_in_a_group_fails_alone_and_the_others_commit() {
         .unwrap();
 
     // the first job blocks the committer until the group behind it has been submitted
-    let (open_gate, gate) = std::sync::mpsc::channel::<()>();
-    let (started_tx, started) = std::sync::mpsc::channel::<()>();
-    let gate = std::sync::Mutex::new(gate);
-    let (blocker, blocked) = Change::job(move |_txn: &redb::WriteTransaction| {
-        let _ = started_tx.send(());
-        let _ = gate.lock().unwrap().recv();
-        Ok(())
-    });
-    q.inner.committer.submit(blocker).unwrap();
-    // once the blocker runs, its group is closed: everything submitted now forms the next one
-    started.recv_timeout(Duration::from_secs(5)).unwrap();
+    let blocked = block_committer(&q);
     // counted only now: the committer counts a group after replying to it, and the blocker's
     // group is the first one it has not counted yet
     let before = q.commit_count();
@@ -500,9 +490,7 @@ async fn a_failing_write_in_a_group_fails_alone_and_the_others_commit() {
     for job in [ok, bad, lease] {
         q.inner.committer.submit(job).unwrap();
     }
-    open_gate.send(()).unwrap();
-
-    blocked.await.unwrap().unwrap();
+    blocked.release().await;
     ok_rx.await.unwrap().unwrap();
     assert!(matches!(bad_rx.await.unwrap(), Err(QueueError::NotFound(id)) if id == b));
     let leases = lease_rx.await.unwrap().unwrap();
@@ -523,6 +511,36 @@ async fn a_failing_write_in_a_group_fails_alone_and_the_others_commit() {
         shown.recipients[0].state,
         RecipientState::InFlight { .. }
     ));
+}
+
+/// A job of the test's own that holds the committer until released.
+struct Blocked {
+    gate: std::sync::mpsc::Sender<()>,
+    done: tokio::sync::oneshot::Receiver<Result<(), QueueError>>,
+}
+
+impl Blocked {
+    /// Lets the blocker finish and waits for its commit.
+    async fn release(self) {
+        self.gate.send(()).unwrap();
+        self.done.await.unwrap().unwrap();
+    }
+}
+
+/// Blocks the committer; returns once the blocker runs, so its group is closed and everything
+/// submitted before `release` forms the next one.
+fn block_committer(q: &Queue) -> Blocked {
+    let (gate, opened) = std::sync::mpsc::channel::<()>();
+    let (started_tx, started) = std::sync::mpsc::channel::<()>();
+    let opened = std::sync::Mutex::new(opened);
+    let (blocker, done) = Change::job(move |_txn: &redb::WriteTransaction| {
+        let _ = started_tx.send(());
+        let _ = opened.lock().unwrap().recv();
+        Ok(())
+    });
+    q.inner.committer.submit(blocker).unwrap();
+    started.recv_timeout(Duration::from_secs(5)).unwrap();
+    Blocked { gate, done }
 }
 
 /// Every file under `dir`, recursively.

@@ -33,16 +33,7 @@ async fn ids(q: &Queue) -> Vec<QueueId> {
 /// blocker's own commit passes one clean sync before any armed sync fault).
 async fn grouped_enqueues(q: &Queue, n: usize) -> Vec<Result<QueueId, QueueError>> {
     arm(&faults(q).clean_syncs, 1);
-    let (open_gate, gate) = std::sync::mpsc::channel::<()>();
-    let (started_tx, started) = std::sync::mpsc::channel::<()>();
-    let gate = std::sync::Mutex::new(gate);
-    let (blocker, blocked) = Change::job(move |_txn: &redb::WriteTransaction| {
-        let _ = started_tx.send(());
-        let _ = gate.lock().unwrap().recv();
-        Ok(())
-    });
-    q.inner.committer.submit(blocker).unwrap();
-    started.recv_timeout(Duration::from_secs(5)).unwrap();
+    let blocked = block_committer(q);
     let before = q.commit_count();
     let tasks: Vec<_> = (0..n)
         .map(|i| {
@@ -55,8 +46,7 @@ async fn grouped_enqueues(q: &Queue, n: usize) -> Vec<Result<QueueId, QueueError
         .collect();
     // sealing runs on the blocking pool; give every enqueue time to reach the committer
     tokio::time::sleep(Duration::from_millis(500)).await;
-    open_gate.send(()).unwrap();
-    blocked.await.unwrap().unwrap();
+    blocked.release().await;
     let mut results = Vec::new();
     for t in tasks {
         results.push(t.await.unwrap());
