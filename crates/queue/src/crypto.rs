@@ -55,6 +55,16 @@ fn aad(id: QueueId, kind: Kind) -> [u8; 34] {
     aad
 }
 
+/// Seeds the random generator nonces come from, so the first enqueue does not pay for it.
+///
+/// aws-lc seeds its process-wide generator from CPU jitter on the first draw: 50 ms or more
+/// on a 2-core VM, on whichever thread asks first. Done lazily, that was the first message
+/// after every start, and every session waiting behind that thread.
+pub(crate) fn warm_up() -> Result<(), CryptoError> {
+    let mut nonce = [0u8; NONCE_LEN];
+    aws_lc_rs::rand::fill(&mut nonce).map_err(|_| CryptoError::Random)
+}
+
 /// Encrypts `plaintext` under the primary key: version | key id | nonce | ciphertext+tag.
 pub(crate) fn seal(
     keys: &Keyring,

@@ -160,6 +160,7 @@ impl Queue {
             .mode(0o700)
             .create(&opts.dir)
             .map_err(|e| QueueError::io("creating the queue directory", opts.dir.clone(), e))?;
+        crypto::warm_up().map_err(|_| QueueError::Encrypt)?;
         let store = Arc::new(Store::open(&opts.dir.join(STORE_FILE))?);
         let committer = Committer::start(store.clone(), tuning.max_batch)?;
         let inner = Inner {
