@@ -200,6 +200,31 @@ fn write_json<T: serde::Serialize>(
     Ok(text)
 }
 
+/// The open-loop rates of the 50 KB rows: `0` entries dropped; each rate at most once, since a
+/// row's tag (and so the sink's count for it) is derived from its rate.
+fn open_rates(rates: Vec<f64>) -> Result<Vec<f64>, BenchError> {
+    let mut out: Vec<f64> = Vec::new();
+    for r in rates {
+        if !r.is_finite() || r < 0.0 {
+            return Err(BenchError::Option {
+                option: "--fifty-kb-rate",
+                detail: format!("{r} is not a rate in messages per second"),
+            });
+        }
+        if r == 0.0 {
+            continue;
+        }
+        if out.contains(&r) {
+            return Err(BenchError::Option {
+                option: "--fifty-kb-rate",
+                detail: format!("{r} is given twice"),
+            });
+        }
+        out.push(r);
+    }
+    Ok(out)
+}
+
 fn one_size(text: &str) -> Result<usize, BenchError> {
     let mix = SizeMix::parse(&format!("100:{text}"))?;
     Ok(mix.size_of(0))
@@ -307,7 +332,7 @@ async fn main_async(cli: Cli) -> Result<(), BenchError> {
                 mix: SizeMix::parse(&mix)?,
                 rate,
                 fifty_kb_messages,
-                fifty_kb_rates: fifty_kb_rate.into_iter().filter(|r| *r > 0.0).collect(),
+                fifty_kb_rates: open_rates(fifty_kb_rate)?,
                 accept_messages,
                 accept_repeats: accept_repeats.max(1),
                 queued,
@@ -369,5 +394,30 @@ fn main() -> std::process::ExitCode {
             eprintln!("sealpost-bench: {e}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::open_rates;
+
+    #[test]
+    fn open_rates_drop_zero_and_refuse_repeats_and_nonsense() {
+        assert_eq!(open_rates(vec![0.0]).ok(), Some(vec![]));
+        assert_eq!(
+            open_rates(vec![200.0, 0.0, 700.0]).ok(),
+            Some(vec![200.0, 700.0])
+        );
+        let twice = open_rates(vec![200.0, 500.0, 200.0])
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            twice
+                .as_deref()
+                .is_some_and(|m| m.contains("200 is given twice")),
+            "{twice:?}"
+        );
+        assert!(open_rates(vec![-5.0]).is_err());
+        assert!(open_rates(vec![f64::NAN]).is_err());
     }
 }
