@@ -8,6 +8,8 @@ use std::fmt::Write as _;
 
 /// Tag prefix of the open-loop 50 KB rows; the offered rate follows it.
 pub const OPEN_50K_TAG: &str = "sealpost-50k-open-";
+/// Tag of Postfix's row on the closed-loop 50 KB load (compared with `sealpost-50k`).
+pub const POSTFIX_50K_TAG: &str = "postfix-50k";
 
 /// One measured row.
 #[derive(Debug, Clone, Serialize)]
@@ -254,11 +256,22 @@ impl Report {
         ));
         for (tag, how) in latency_rows {
             let k50 = self.row(&tag);
+            let postfix = self
+                .row(POSTFIX_50K_TAG)
+                .filter(|_| tag == "sealpost-50k")
+                .map(|p| {
+                    format!(
+                        " (Postfix on the same load: {} ms at {} msg/s)",
+                        f(p.load.acceptance.p99_ms),
+                        f(p.load.accepted_per_s)
+                    )
+                })
+                .unwrap_or_default();
             t.push(Target {
                 target: format!("acceptance p99 ≤ 20 ms at 50 sessions of 50 KB ({how})"),
                 measured: k50.map_or("not run".into(), |r| {
                     format!(
-                        "{} ms at {} sessions, {} msg/s",
+                        "{} ms at {} sessions, {} msg/s{postfix}",
                         f(r.load.acceptance.p99_ms),
                         r.load.sessions,
                         f(r.load.accepted_per_s)
@@ -374,13 +387,19 @@ impl Report {
                 notes.join("; "),
             );
             if r.system == "postfix" {
-                if let Some(s) = self.row("sealpost-plain") {
+                // Each Postfix row is compared with the Sealpost row that had the same load.
+                let (ours, name) = match r.load.tag.as_str() {
+                    POSTFIX_50K_TAG => ("sealpost-50k", "Postfix (50 KB)"),
+                    "postfix-reuse" => ("sealpost-plain", "Postfix (reuse)"),
+                    _ => ("sealpost-plain", "Postfix"),
+                };
+                if let Some(s) = self.row(ours) {
                     let se = s.sink.as_ref().map(|x| x.end_to_end);
                     let ratio_of = |a: f64, b: f64| ratio(Some(a), Some(b));
                     let _ = writeln!(
                         out,
                         "| **Sealpost / {}** | | {} | {} | {} | {} | {} | {} | {} | {} | higher is better for msg/s, lower for the rest |",
-                        if r.load.tag == "postfix-reuse" { "Postfix (reuse)" } else { "Postfix" },
+                        name,
                         ratio_of(s.load.accepted_per_s, r.load.accepted_per_s),
                         ratio(s.delivered_per_s, r.delivered_per_s),
                         ratio_of(s.load.acceptance.p50_ms, r.load.acceptance.p50_ms),

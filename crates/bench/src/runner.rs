@@ -9,7 +9,7 @@ use crate::mix::{human_size, SizeMix};
 use crate::postfix::{self, Postfix, PostfixOptions};
 use crate::procfs::{group_cpu_secs, status_kb, PeakSampler};
 use crate::relay::{hash_password, Relay, RelaySetup, BENCH_USER, RELAY_HOSTNAME};
-use crate::report::{IdleReport, Report, Row, StartReport, OPEN_50K_TAG};
+use crate::report::{IdleReport, Report, Row, StartReport, OPEN_50K_TAG, POSTFIX_50K_TAG};
 use crate::sink::Sink;
 use sealpost_tests::dns::DnsServer;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -163,6 +163,43 @@ impl Env {
     }
 
     /// Runs one end-to-end row against a system whose process (group) is `pid`.
+    /// Starts a fresh Postfix, runs one end-to-end row through it and stops it again.
+    async fn postfix_row(
+        &self,
+        tag: &str,
+        label: &str,
+        tls_reuse: bool,
+        shape: impl FnOnce(&mut LoadOptions),
+        report: &mut Report,
+    ) -> Result<Row, BenchError> {
+        let pf_addr = SocketAddr::new(
+            Ipv4Addr::LOCALHOST.into(),
+            crate::relay::free_addr()?.port(),
+        );
+        let po = PostfixOptions {
+            listen: pf_addr,
+            hostname: "postfix.bench.test".into(),
+            relay: self.sink.addr,
+            relay_name: SINK_NAME.into(),
+            ca_file: self.ca.root_pem().to_path_buf(),
+            tls_reuse,
+        };
+        say(&format!("starting Postfix ({tag})"));
+        let pf = tokio::task::spawn_blocking(move || Postfix::start(&po))
+            .await
+            .map_err(|_| BenchError::Option {
+                option: "run",
+                detail: "postfix start task failed".into(),
+            })??;
+        let pid = pf.master_pid()?;
+        let mut lo = self.load_opts(tag, pf.listen, Security::Plain);
+        shape(&mut lo);
+        let row = self.e2e_row(label, "postfix", lo, pid, true).await;
+        let row = row.map_err(|e| with_log(e, &pf.log()))?;
+        report.postfix_queue_left += pf.queued();
+        Ok(row)
+    }
+
     async fn e2e_row(
         &self,
         label: &str,
@@ -384,31 +421,9 @@ pub async fn run(opts: RunOptions) -> Result<Report, BenchError> {
         ));
     }
     for (tag, label, tls_reuse) in postfix_rows.into_iter().filter(|_| run_postfix) {
-        let pf_addr = SocketAddr::new(
-            Ipv4Addr::LOCALHOST.into(),
-            crate::relay::free_addr()?.port(),
-        );
-        let po = PostfixOptions {
-            listen: pf_addr,
-            hostname: "postfix.bench.test".into(),
-            relay: env.sink.addr,
-            relay_name: SINK_NAME.into(),
-            ca_file: env.ca.root_pem().to_path_buf(),
-            tls_reuse,
-        };
-        say(&format!("starting Postfix ({tag})"));
-        let pf = tokio::task::spawn_blocking(move || Postfix::start(&po))
-            .await
-            .map_err(|_| BenchError::Option {
-                option: "run",
-                detail: "postfix start task failed".into(),
-            })??;
-        let pid = pf.master_pid()?;
-        let lo = env.load_opts(tag, pf.listen, Security::Plain);
-        let row = env.e2e_row(label, "postfix", lo, pid, true).await;
-        let row = row.map_err(|e| with_log(e, &pf.log()))?;
-        report.postfix_queue_left += pf.queued();
-        drop(pf);
+        let row = env
+            .postfix_row(tag, label, tls_reuse, |_| {}, &mut report)
+            .await?;
         report.rows.push(row);
     }
 
@@ -473,6 +488,23 @@ pub async fn run(opts: RunOptions) -> Result<Report, BenchError> {
         let log = relay.log();
         relay.stop();
         report.rows.push(row.map_err(|e| with_log(e, &log))?);
+        if rate.is_none() && run_postfix {
+            // Postfix at saturation on the same load, for the latency target's comparison.
+            let (n, mix) = (opts.fifty_kb_messages, SizeMix::parse("100:50KB")?);
+            let row = env
+                .postfix_row(
+                    POSTFIX_50K_TAG,
+                    "Postfix, plain, 50 sessions × 50 KB, closed loop",
+                    false,
+                    |lo| {
+                        lo.total = n;
+                        lo.mix = mix;
+                    },
+                    &mut report,
+                )
+                .await?;
+            report.rows.push(row);
+        }
     }
 
     // 4. Scale rows (delivery paused): idle sessions, start time, acceptance with 0 and N queued.

@@ -68,7 +68,17 @@ fn benchmark_runs_end_to_end_with_sane_numbers() {
     if with_postfix {
         e2e.push(("postfix-plain", 200));
         e2e.push(("postfix-reuse", 200));
+        e2e.push(("postfix-50k", 100));
         assert!(stdout.contains("Sealpost / Postfix"), "{stdout}");
+        assert!(
+            stdout.contains("| **Sealpost / Postfix (50 KB)** |"),
+            "{stdout}"
+        );
+        assert!(
+            stdout.contains("(closed loop, i.e. at saturation): ")
+                && stdout.contains("(Postfix on the same load: "),
+            "{stdout}"
+        );
         assert_eq!(report["postfix_queue_left"], 0);
     }
     for (tag, n) in e2e {
