@@ -132,7 +132,7 @@ enum Cmd {
         #[arg(long, default_value_t = 5000)]
         accept_messages: u64,
         /// Runs of each acceptance-only row (alternating empty and queued; the median is reported).
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 5)]
         accept_repeats: usize,
         /// Messages queued before the "N queued" rows (0 skips them).
         #[arg(long, default_value_t = 200_000)]
