@@ -74,6 +74,35 @@ pub fn loadavg() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The machine's CPU time so far, in clock ticks: (all, stolen by the hypervisor), from the
+/// `cpu` line of `/proc/stat`; `None` if unreadable.
+pub fn machine_ticks() -> Option<(u64, u64)> {
+    parse_cpu_line(std::fs::read_to_string("/proc/stat").ok()?.lines().next()?)
+}
+
+/// Parses `cpu  user nice system idle iowait irq softirq steal guest guest_nice`; guest time
+/// is already counted in user and nice, so it is left out of the total.
+fn parse_cpu_line(line: &str) -> Option<(u64, u64)> {
+    let mut fields = line.split_whitespace();
+    if fields.next()? != "cpu" {
+        return None;
+    }
+    let v: Vec<u64> = fields
+        .take(8)
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    let steal = *v.get(7)?;
+    Some((v.iter().sum(), steal))
+}
+
+/// Percent of the machine's CPU time the hypervisor took between two [`machine_ticks`].
+pub fn steal_percent(before: Option<(u64, u64)>, after: Option<(u64, u64)>) -> Option<f64> {
+    let ((t0, s0), (t1, s1)) = (before?, after?);
+    let total = t1.checked_sub(t0).filter(|t| *t > 0)?;
+    Some(100.0 * s1.saturating_sub(s0) as f64 / total as f64)
+}
+
 /// Processes whose parent is `pid`.
 pub fn children(pid: u32) -> Vec<u32> {
     let Ok(rd) = std::fs::read_dir("/proc") else {
@@ -192,6 +221,21 @@ mod tests {
             }
         );
         assert!(parse_stat("garbage").is_none());
+    }
+
+    #[test]
+    fn cpu_line_gives_total_and_steal() {
+        let line = "cpu  100 5 50 800 20 1 4 20 7 0";
+        assert_eq!(parse_cpu_line(line), Some((1000, 20)));
+        assert_eq!(parse_cpu_line("cpu0 1 2 3 4 5 6 7 8"), None);
+        assert_eq!(parse_cpu_line("cpu  1 2 3"), None);
+        assert_eq!(
+            steal_percent(Some((1000, 20)), Some((1400, 60))),
+            Some(10.0)
+        );
+        assert_eq!(steal_percent(Some((1000, 20)), Some((1000, 20))), None);
+        assert_eq!(steal_percent(None, Some((1000, 20))), None);
+        assert!(machine_ticks().is_some_and(|(t, s)| t > 0 && s <= t));
     }
 
     /// This process: its own stat parses, it has a VmHWM, and burning CPU shows up.

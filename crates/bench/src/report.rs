@@ -42,6 +42,9 @@ pub struct Row {
     /// The machine's 1-minute load average when the row started and ended (the machine may be
     /// shared; a high load means other work competed for the cores).
     pub loadavg: (f64, f64),
+    /// Percent of the machine's CPU time the hypervisor took during the row (`steal` in
+    /// `/proc/stat`): other guests competing for the host's cores.
+    pub steal_percent: Option<f64>,
     /// Accepted msg/s of every run when the row is the median of repeated runs.
     pub repeats: Vec<f64>,
     /// Whether the kernel's page cache was dropped right before the row (see `settle_memory`).
@@ -76,6 +79,7 @@ impl Row {
             bench_cpu_secs: 0.0,
             tls_handshakes: None,
             loadavg: (0.0, 0.0),
+            steal_percent: None,
             repeats: Vec::new(),
             page_cache_dropped: None,
         }
@@ -334,6 +338,9 @@ impl Report {
                 ));
             }
             notes.push(format!("load avg {:.1}→{:.1}", r.loadavg.0, r.loadavg.1));
+            if let Some(steal) = r.steal_percent.filter(|s| *s >= 0.5) {
+                notes.push(format!("hypervisor steal {steal:.1}% of CPU time"));
+            }
             if r.repeats.len() > 1 {
                 let all: Vec<String> = r.repeats.iter().map(|v| f(*v)).collect();
                 notes.push(format!(

@@ -214,6 +214,7 @@ impl Env {
         ));
         let tag = lo.tag.clone();
         let load0 = crate::procfs::loadavg();
+        let ticks0 = crate::procfs::machine_ticks();
         let cpu0 = group_cpu_secs(pid)?;
         let own0 = own_cpu_secs();
         let hs0 = self.sink.handshakes();
@@ -233,6 +234,7 @@ impl Env {
         row.bench_cpu_secs = own_cpu_secs() - own0;
         row.tls_handshakes = Some(self.sink.handshakes() - hs0);
         row.loadavg = (load0, crate::procfs::loadavg());
+        row.steal_percent = crate::procfs::steal_percent(ticks0, crate::procfs::machine_ticks());
         Ok(row)
     }
 
@@ -243,12 +245,14 @@ impl Env {
         ));
         let dropped = settle_memory().await;
         let load0 = crate::procfs::loadavg();
+        let ticks0 = crate::procfs::machine_ticks();
         let cpu0 = group_cpu_secs(pid)?;
         let report: LoadReport = load::run(lo).await?;
         let cpu1 = group_cpu_secs(pid)?;
         let peak = status_kb(pid, "VmHWM").unwrap_or(0);
         let mut row = Row::new(label, "sealpost", report, None, peak, cpu1 - cpu0);
         row.loadavg = (load0, crate::procfs::loadavg());
+        row.steal_percent = crate::procfs::steal_percent(ticks0, crate::procfs::machine_ticks());
         row.page_cache_dropped = Some(dropped);
         Ok(row)
     }

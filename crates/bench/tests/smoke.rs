@@ -128,6 +128,12 @@ fn benchmark_runs_end_to_end_with_sane_numbers() {
             "{tag}: {delivered} vs {accepted}"
         );
         assert!(r["cpu_secs"].as_f64().unwrap() > 0.0, "{tag}");
+        assert!(
+            r["steal_percent"]
+                .as_f64()
+                .is_some_and(|s| (0.0..=100.0).contains(&s)),
+            "{tag}: {r}"
+        );
         let handshakes = r["tls_handshakes"].as_u64().unwrap();
         assert!(
             handshakes >= 1 && handshakes <= n,
