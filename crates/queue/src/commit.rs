@@ -180,9 +180,9 @@ impl Committer {
             .map_err(|_| QueueError::Closed)
     }
 
-    /// Number of group transactions committed so far.
+    /// Number of group transactions begun so far (counted before any of their jobs is answered).
     pub(crate) fn commits(&self) -> u64 {
-        self.commits.load(Ordering::Relaxed)
+        self.commits.load(Ordering::SeqCst)
     }
 }
 
@@ -210,8 +210,10 @@ fn run(store: &Store, rx: &mpsc::Receiver<Job>, max_batch: usize, commits: &Atom
                 Err(_) => break,
             }
         }
+        // Counted before any job of the batch is answered, so a caller that got its answer
+        // sees its group in the count.
+        commits.fetch_add(1, Ordering::SeqCst);
         commit_batch(store, batch);
-        commits.fetch_add(1, Ordering::Relaxed);
     }
 }
 

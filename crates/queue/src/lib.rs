@@ -332,7 +332,8 @@ impl Queue {
         self.blocking(|inner| inner.stats()).await
     }
 
-    /// Number of committer transactions (group commits) so far.
+    /// Number of group commits the committer has begun (each is counted before any of its
+    /// writes is answered).
     #[doc(hidden)]
     pub fn commit_count(&self) -> u64 {
         self.inner.committer.commits()
