@@ -47,6 +47,10 @@ struct Log {
     connections: usize,
     commands: Vec<String>,
     received: Vec<Received>,
+    /// Announce PIPELINING after STARTTLS.
+    pipelining: bool,
+    /// Close the connection right after each message's 250, without waiting for QUIT.
+    hang_up: bool,
 }
 
 /// A running receiver on `addr`.
@@ -203,6 +207,17 @@ impl Receiver {
         r
     }
 
+    /// Announces PIPELINING in the EHLO reply after STARTTLS from now on.
+    pub fn offer_pipelining(&self) {
+        lock(&self.log).pipelining = true;
+    }
+
+    /// From now on closes each connection right after a message's 250, without QUIT (as a
+    /// server whose idle timer fires does).
+    pub fn hang_up_after_each_message(&self) {
+        lock(&self.log).hang_up = true;
+    }
+
     /// How many TCP connections were accepted.
     pub fn connections(&self) -> usize {
         lock(&self.log).connections
@@ -289,6 +304,10 @@ async fn dialogue<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> std::io::Result<Next> {
     let mut mail_from = String::new();
     let mut rcpts = Vec::new();
+    // with PIPELINING, MAIL and RCPT replies wait for DATA (a client that waits for each
+    // reply stalls)
+    let hold = tls && lock(log).pipelining;
+    let mut held = String::new();
     loop {
         let mut line = Vec::new();
         if s.read_until(b'\n', &mut line).await? == 0 {
@@ -308,7 +327,12 @@ async fn dialogue<S: AsyncRead + AsyncWrite + Unpin>(
                 } else {
                     ""
                 };
-                reply(s, &format!("250-{name}\r\n250-8BITMIME\r\n{starttls}250-ENHANCEDSTATUSCODES\r\n250 SIZE 10000000\r\n")).await?;
+                let pipelining = if tls && lock(log).pipelining {
+                    "250-PIPELINING\r\n"
+                } else {
+                    ""
+                };
+                reply(s, &format!("250-{name}\r\n250-8BITMIME\r\n{starttls}{pipelining}250-ENHANCEDSTATUSCODES\r\n250 SIZE 10000000\r\n")).await?;
             }
             "STARTTLS" if offer_starttls && refuse => {
                 reply(s, "454 4.7.0 TLS not available due to temporary reason\r\n").await?;
@@ -320,19 +344,20 @@ async fn dialogue<S: AsyncRead + AsyncWrite + Unpin>(
             "MAIL" => {
                 mail_from = arg_address(&text);
                 rcpts.clear();
-                reply(s, "250 2.1.0 ok\r\n").await?;
+                held.push_str("250 2.1.0 ok\r\n");
             }
             "RCPT" => {
                 let to = arg_address(&text);
                 if reject.contains(&to.to_ascii_lowercase()) {
-                    reply(s, "550 5.1.1 no such user here\r\n").await?;
+                    held.push_str("550 5.1.1 no such user here\r\n");
                 } else {
                     rcpts.push(to);
-                    reply(s, "250 2.1.5 ok\r\n").await?;
+                    held.push_str("250 2.1.5 ok\r\n");
                 }
             }
             "DATA" => {
-                reply(s, "354 go ahead\r\n").await?;
+                held.push_str("354 go ahead\r\n");
+                reply(s, &std::mem::take(&mut held)).await?;
                 let mut data = Vec::new();
                 loop {
                     let mut l = Vec::new();
@@ -356,6 +381,9 @@ async fn dialogue<S: AsyncRead + AsyncWrite + Unpin>(
                     tls,
                 });
                 reply(s, "250 2.0.0 queued\r\n").await?;
+                if lock(log).hang_up {
+                    return Ok(Next::Close);
+                }
             }
             "RSET" => {
                 rcpts.clear();
@@ -367,6 +395,9 @@ async fn dialogue<S: AsyncRead + AsyncWrite + Unpin>(
                 return Ok(Next::Close);
             }
             _ => reply(s, "502 5.5.1 not implemented\r\n").await?,
+        }
+        if !hold && !held.is_empty() {
+            reply(s, &std::mem::take(&mut held)).await?;
         }
     }
 }

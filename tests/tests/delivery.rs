@@ -485,7 +485,7 @@ async fn safe_receivers_get_the_message_byte_exact() {
         assert!(Instant::now() < deadline, "message {id} still queued");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // A second message to the same MX reuses the verified connection (RSET, no new handshake).
+    // A second message to the same MX reuses the verified connection (no new handshake).
     let (_, second_msg) = submit(&relay, &["other@ec13.test"], "Second message.\r\n").await;
     let lines = wait_audit(&relay, 20, "second delivery", |lines| {
         !events_for(lines, "delivered", "other@ec13.test").is_empty()
@@ -495,15 +495,68 @@ async fn safe_receivers_get_the_message_byte_exact() {
     let got = r13.received();
     assert_eq!(got.len(), 2);
     assert_byte_exact(&got[1].data, &second_msg);
-    assert!(
-        r13.commands().contains(&"RSET".to_string()),
-        "{:?}",
-        r13.commands()
+    assert_eq!(
+        r13.commands(),
+        ["EHLO", "STARTTLS", "EHLO", "MAIL", "RCPT", "DATA", "MAIL", "RCPT", "DATA"],
+        "the second transaction follows the first on the same session"
     );
     let reused = attempts_for(&lines, "mx.ec13.test");
     assert_eq!(reused.len(), 2);
     assert_eq!(reused[1]["detail"]["reused"], true, "{}", reused[1]);
     assert_eq!(reused[1]["tls"]["reason"], "verified");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_connection_the_mx_closed_is_replaced_at_once_with_pipelining() {
+    let w = World::new().await;
+    let files = w.leaf("idle", "mx.idle.test");
+    let mx = w.receiver("idle.test", 34, default_tls(&files), &[]).await;
+    mx.offer_pipelining();
+    mx.hang_up_after_each_message();
+    let relay = w.relay();
+    let (first_id, first) = submit(&relay, &["a@idle.test", "c@idle.test"], "One.\r\n").await;
+    wait_audit(&relay, 20, "first delivery", |lines| {
+        !events_for(lines, "delivered", "a@idle.test").is_empty()
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while relay.message_count() != 0 {
+        assert!(Instant::now() < deadline, "message {first_id} still queued");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, second) = submit(&relay, &["b@idle.test"], "Two.\r\n").await;
+    let lines = wait_audit(&relay, 20, "second delivery", |lines| {
+        !events_for(lines, "delivered", "b@idle.test").is_empty()
+    })
+    .await;
+    // delivered once each; the second on a new connection, without waiting for a retry
+    let got = mx.received();
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got[0].rcpt_to, ["a@idle.test", "c@idle.test"]);
+    assert_byte_exact(&got[0].data, &first);
+    assert_eq!(got[1].rcpt_to, ["b@idle.test"]);
+    assert_byte_exact(&got[1].data, &second);
+    assert_eq!(mx.connections(), 2);
+    // pipelined (the receiver holds its MAIL and RCPT replies until DATA), no RSET
+    assert_eq!(
+        mx.commands(),
+        [
+            "EHLO", "STARTTLS", "EHLO", "MAIL", "RCPT", "RCPT", "DATA", "EHLO", "STARTTLS", "EHLO",
+            "MAIL", "RCPT", "DATA"
+        ]
+    );
+    // first message on a new session; the second tried the cached one (which failed before
+    // its first reply) and went out on a new, verified session
+    let attempts = attempts_for(&lines, "mx.idle.test");
+    assert_eq!(attempts.len(), 4, "{attempts:?}");
+    assert!(attempts[0]["detail"]["reused"].is_null(), "{}", attempts[0]);
+    assert_eq!(attempts[1]["detail"]["reused"], true, "{}", attempts[1]);
+    assert_eq!(attempts[2]["detail"]["reused"], true, "{}", attempts[2]);
+    let why = attempts[2]["detail"]["error"].as_str().unwrap_or_default();
+    assert!(why.contains("no longer usable"), "{}", attempts[2]);
+    assert!(attempts[3]["detail"]["reused"].is_null(), "{}", attempts[3]);
+    assert_eq!(attempts[3]["tls"]["reason"], "verified");
+    assert!(events_for(&lines, "deferred", "b@idle.test").is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,6 +15,10 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_rustls::client::TlsStream;
 
+/// Longest wait for the first reply of a transaction on a reused session; past it the session
+/// counts as stale and the transaction moves to a new connection.
+pub const REUSED_FIRST_REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Connection settings and the RFC 5321 §4.5.3.2 client timeouts (shortened in tests).
 #[derive(Debug, Clone)]
 pub struct ClientSettings {
@@ -142,6 +146,9 @@ pub enum SessionError {
     /// The message has a bare CR or LF and cannot be sent safely.
     #[error("message has bare CR or LF line endings; refusing to send it")]
     BareLineEnding,
+    /// A reused session turned out to be closed (or closing) before this transaction began.
+    #[error("the cached connection was no longer usable: {0}")]
+    Stale(String),
 }
 
 /// Why SMTP AUTH at a smarthost did not succeed.
@@ -438,96 +445,231 @@ impl Session {
     /// Sends one message; returns one result per recipient, in order.
     ///
     /// A 550 for one recipient does not affect the others. An `Err` means the connection is
-    /// unusable and nothing about the recipients is known for sure (treat as temporary).
+    /// unusable and nothing about the recipients is known for sure (treat as temporary), except
+    /// [`SessionError::Stale`]: a reused session the server had already closed, before any of
+    /// this transaction was accepted, so it can be retried on a new connection at once.
+    /// When the server offers PIPELINING (RFC 2920), MAIL, every RCPT and DATA go in one write.
     pub async fn send(&mut self, txn: &Transaction<'_>) -> Result<Vec<RcptResult>, SessionError> {
-        let s = self.settings.clone();
-        let mx = self.mx().to_owned();
-        let said = |r: &Reply| format!("{mx} said: {r}");
         let n = txn.recipients.len();
         let needs_utf8 = txn.smtputf8
             && (!txn.sender.is_ascii() || txn.recipients.iter().any(|r| !r.address.is_ascii()));
         if needs_utf8 && !self.ehlo.smtputf8 {
-            let why = format!("5.6.7 {mx} does not support SMTPUTF8 and the envelope needs it");
+            let why = format!(
+                "5.6.7 {} does not support SMTPUTF8 and the envelope needs it",
+                self.mx()
+            );
             return Ok(vec![RcptResult::Failed(why); n]);
         }
         let Some(from) = reverse_path(txn.sender) else {
             let why = format!("5.1.7 sender address {:?} cannot be sent", txn.sender);
             return Ok(vec![RcptResult::Failed(why); n]);
         };
-        let params = self.mail_params(txn);
-        let reply = command(
-            &mut self.reader,
-            &mail_from_line(&from, &params),
-            s.mail_timeout,
-            "MAIL",
-        )
-        .await?;
-        if !reply.is_positive() {
-            self.reset().await;
-            let result = if reply.is_permanent() {
-                RcptResult::Failed(said(&reply))
-            } else {
-                RcptResult::Deferred(said(&reply))
-            };
-            return Ok(vec![result; n]);
-        }
-        let mut results: Vec<Option<RcptResult>> = Vec::with_capacity(n);
-        for rcpt in txn.recipients {
-            let Ok(to) = Mailbox::parse(&rcpt.address, true) else {
-                results.push(Some(RcptResult::Failed(format!(
+        let mail = mail_from_line(&from, &self.mail_params(txn));
+        // one entry per recipient: the RCPT line to send, or why it cannot be sent
+        let rcpts: Vec<Result<String, RcptResult>> = txn
+            .recipients
+            .iter()
+            .map(|rcpt| match Mailbox::parse(&rcpt.address, true) {
+                Ok(to) => Ok(rcpt_to_line(&to, &self.rcpt_params(rcpt))),
+                Err(_) => Err(RcptResult::Failed(format!(
                     "5.1.3 recipient address {:?} cannot be sent",
                     rcpt.address
-                ))));
-                continue;
-            };
-            let line = rcpt_to_line(&to, &self.rcpt_params(rcpt));
-            let reply = command(&mut self.reader, &line, s.rcpt_timeout, "RCPT").await?;
-            results.push(match reply.code {
-                250 | 251 => None,
-                c if c >= 500 => Some(RcptResult::Failed(said(&reply))),
-                _ => Some(RcptResult::Deferred(said(&reply))),
-            });
+                ))),
+            })
+            .collect();
+        let results = if self.ehlo.pipelining {
+            self.send_pipelined(&mail, rcpts, txn.body).await?
+        } else {
+            self.send_in_steps(&mail, rcpts, txn.body).await?
+        };
+        self.transactions += 1;
+        Ok(results)
+    }
+
+    fn said(&self, r: &Reply) -> String {
+        format!("{} said: {r}", self.mx())
+    }
+
+    /// The result of a refused MAIL or DATA, for every recipient it affects.
+    fn refused(&self, reply: &Reply) -> RcptResult {
+        if reply.is_permanent() {
+            RcptResult::Failed(self.said(reply))
+        } else {
+            RcptResult::Deferred(self.said(reply))
+        }
+    }
+
+    /// The result of one RCPT reply: `None` if accepted.
+    fn rcpt_result(&self, reply: &Reply) -> Option<RcptResult> {
+        match reply.code {
+            250 | 251 => None,
+            c if c >= 500 => Some(RcptResult::Failed(self.said(reply))),
+            _ => Some(RcptResult::Deferred(self.said(reply))),
+        }
+    }
+
+    /// Whether a failure before the first reply of a transaction means a reused session had
+    /// been closed by the server (nothing of this transaction was accepted).
+    fn stale(&self, e: &SessionError) -> bool {
+        self.transactions > 0
+            && matches!(
+                e,
+                SessionError::Io { .. }
+                    | SessionError::Timeout(_)
+                    | SessionError::Reply {
+                        source: ReplyError::Eof | ReplyError::Io(_),
+                        ..
+                    }
+            )
+    }
+
+    /// The first reply of a transaction; on a reused session a closed connection, a timeout of
+    /// [`REUSED_FIRST_REPLY_TIMEOUT`] or a 421 becomes [`SessionError::Stale`].
+    async fn first_reply(
+        &mut self,
+        limit: Duration,
+        write: Option<&str>,
+    ) -> Result<Reply, SessionError> {
+        let limit = if self.transactions > 0 {
+            limit.min(REUSED_FIRST_REPLY_TIMEOUT)
+        } else {
+            limit
+        };
+        let got = match write {
+            Some(line) => command(&mut self.reader, line, limit, "MAIL").await,
+            None => reply_within(&mut self.reader, limit, "MAIL").await,
+        };
+        match got {
+            Err(e) if self.stale(&e) => Err(SessionError::Stale(e.to_string())),
+            Ok(r) if r.code == 421 && self.transactions > 0 => {
+                Err(SessionError::Stale(r.to_string()))
+            }
+            other => other,
+        }
+    }
+
+    /// MAIL, RCPT and DATA one at a time, each waiting for its reply.
+    async fn send_in_steps(
+        &mut self,
+        mail: &str,
+        rcpts: Vec<Result<String, RcptResult>>,
+        body: &[u8],
+    ) -> Result<Vec<RcptResult>, SessionError> {
+        let s = self.settings.clone();
+        let n = rcpts.len();
+        let reply = self.first_reply(s.mail_timeout, Some(mail)).await?;
+        if !reply.is_positive() {
+            self.reset().await;
+            return Ok(vec![self.refused(&reply); n]);
+        }
+        let mut results: Vec<Option<RcptResult>> = Vec::with_capacity(n);
+        for rcpt in rcpts {
+            match rcpt {
+                Err(failed) => results.push(Some(failed)),
+                Ok(line) => {
+                    let reply = command(&mut self.reader, &line, s.rcpt_timeout, "RCPT").await?;
+                    results.push(self.rcpt_result(&reply));
+                }
+            }
         }
         if results.iter().all(Option::is_some) {
             self.reset().await;
             return Ok(results.into_iter().flatten().collect());
         }
         let reply = command(&mut self.reader, "DATA\r\n", s.data_init_timeout, "DATA").await?;
-        let final_result = if reply.code == 354 {
-            let blocks = u32::try_from(txn.body.len() / 65_536 + 1).unwrap_or(u32::MAX);
-            let budget = s.data_block_timeout.saturating_mul(blocks);
-            match timeout(budget, write_data(self.reader.get_mut(), txn.body)).await {
-                Err(_) => return Err(SessionError::Timeout("sending message data")),
-                Ok(Err(e)) if e.kind() == io::ErrorKind::InvalidInput => {
-                    return Err(SessionError::BareLineEnding)
+        self.finish(&reply, body, results).await
+    }
+
+    /// MAIL, every RCPT and DATA in one write (RFC 2920), then their replies in order.
+    async fn send_pipelined(
+        &mut self,
+        mail: &str,
+        rcpts: Vec<Result<String, RcptResult>>,
+        body: &[u8],
+    ) -> Result<Vec<RcptResult>, SessionError> {
+        let s = self.settings.clone();
+        let n = rcpts.len();
+        if rcpts.iter().all(Result::is_err) {
+            // nothing to send: no transaction is started
+            return Ok(rcpts.into_iter().filter_map(Result::err).collect());
+        }
+        let mut batch = String::from(mail);
+        for line in rcpts.iter().flatten() {
+            batch.push_str(line);
+        }
+        batch.push_str("DATA\r\n");
+        let mail_reply = self.first_reply(s.mail_timeout, Some(&batch)).await?;
+        let mut results: Vec<Option<RcptResult>> = Vec::with_capacity(n);
+        for rcpt in rcpts {
+            match rcpt {
+                Err(failed) => results.push(Some(failed)),
+                Ok(_) => {
+                    let reply = reply_within(&mut self.reader, s.rcpt_timeout, "RCPT").await?;
+                    results.push(self.rcpt_result(&reply));
                 }
-                Ok(Err(source)) => {
-                    return Err(SessionError::Io {
-                        step: "message data",
-                        source,
-                    })
-                }
-                Ok(Ok(())) => {}
             }
-            let reply = reply_within(&mut self.reader, s.data_end_timeout, "final dot").await?;
-            match reply.code {
-                250 => RcptResult::Delivered(said(&reply)),
-                c if c >= 500 => RcptResult::Failed(said(&reply)),
-                _ => RcptResult::Deferred(said(&reply)),
+        }
+        let data_reply = reply_within(&mut self.reader, s.data_init_timeout, "DATA").await?;
+        let nobody = results.iter().all(Option::is_some);
+        if !mail_reply.is_positive() || nobody {
+            if data_reply.code == 354 {
+                // RFC 2920 3.1: DATA was accepted with no transaction to send; end it empty
+                command(&mut self.reader, ".\r\n", s.data_end_timeout, "final dot").await?;
             }
+            self.reset().await;
+            if !mail_reply.is_positive() {
+                return Ok(vec![self.refused(&mail_reply); n]);
+            }
+            return Ok(results.into_iter().flatten().collect());
+        }
+        self.finish(&data_reply, body, results).await
+    }
+
+    /// After the reply to DATA: sends the data if it was 354; every accepted recipient (`None`
+    /// in `results`) gets the final result.
+    async fn finish(
+        &mut self,
+        data_reply: &Reply,
+        body: &[u8],
+        results: Vec<Option<RcptResult>>,
+    ) -> Result<Vec<RcptResult>, SessionError> {
+        let final_result = if data_reply.code == 354 {
+            self.data(body).await?
         } else {
             self.reset().await;
-            if reply.is_permanent() {
-                RcptResult::Failed(said(&reply))
-            } else {
-                RcptResult::Deferred(said(&reply))
-            }
+            self.refused(data_reply)
         };
-        self.transactions += 1;
         Ok(results
             .into_iter()
             .map(|r| r.unwrap_or_else(|| final_result.clone()))
             .collect())
+    }
+
+    /// Sends the message data after a 354 and reads the final reply.
+    async fn data(&mut self, body: &[u8]) -> Result<RcptResult, SessionError> {
+        let s = &self.settings;
+        let blocks = u32::try_from(body.len() / 65_536 + 1).unwrap_or(u32::MAX);
+        let budget = s.data_block_timeout.saturating_mul(blocks);
+        let data_end = s.data_end_timeout;
+        match timeout(budget, write_data(self.reader.get_mut(), body)).await {
+            Err(_) => return Err(SessionError::Timeout("sending message data")),
+            Ok(Err(e)) if e.kind() == io::ErrorKind::InvalidInput => {
+                return Err(SessionError::BareLineEnding)
+            }
+            Ok(Err(source)) => {
+                return Err(SessionError::Io {
+                    step: "message data",
+                    source,
+                })
+            }
+            Ok(Ok(())) => {}
+        }
+        let reply = reply_within(&mut self.reader, data_end, "final dot").await?;
+        Ok(match reply.code {
+            250 => RcptResult::Delivered(self.said(&reply)),
+            c if c >= 500 => RcptResult::Failed(self.said(&reply)),
+            _ => RcptResult::Deferred(self.said(&reply)),
+        })
     }
 
     /// Authenticates with AUTH PLAIN (or LOGIN if PLAIN is not offered); the password is
@@ -726,6 +868,8 @@ mod tests {
     struct Seen {
         commands: Vec<String>,
         wire: Vec<u8>,
+        /// Pipelined groups as the pipelining server answered them.
+        groups: Vec<Vec<String>>,
     }
 
     /// A one-connection SMTP server: STARTTLS if `tls` is given, 550 for `reject`.
@@ -954,6 +1098,268 @@ mod tests {
             seen.lock().unwrap().commands.is_empty(),
             "no command after a failed handshake"
         );
+    }
+
+    /// How the pipelining server answers.
+    struct Script {
+        mail: &'static str,
+        /// RCPT addresses containing this get 550.
+        reject: &'static str,
+        data: &'static str,
+        /// After this many transactions (0: right after the EHLO that follows STARTTLS), write
+        /// the text (may be empty) and close without QUIT, like an idle timeout.
+        hang_up: Option<(usize, &'static str)>,
+    }
+
+    const ACCEPTING: Script = Script {
+        mail: "250 2.1.0 ok\r\n",
+        reject: "nobody@",
+        data: "354 go\r\n",
+        hang_up: None,
+    };
+
+    /// A one-connection server offering PIPELINING after STARTTLS. It answers MAIL and RCPT only
+    /// when DATA arrives, so a client that waited for each reply would stall.
+    async fn pipelining_server(
+        cfg: Arc<rustls::ServerConfig>,
+        script: Script,
+    ) -> (u16, Arc<Mutex<Seen>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen: Arc<Mutex<Seen>> = Arc::default();
+        let log = seen.clone();
+        tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            tcp.write_all(b"220 mx.unit.test ESMTP\r\n").await.unwrap();
+            let mut plain = BufReader::new(tcp);
+            for answer in [
+                &b"250-mx.unit.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n"[..],
+                b"220 go\r\n",
+            ] {
+                let mut line = String::new();
+                plain.read_line(&mut line).await.unwrap();
+                plain.get_mut().write_all(answer).await.unwrap();
+            }
+            let tls = tokio_rustls::TlsAcceptor::from(cfg)
+                .accept(plain.into_inner())
+                .await
+                .unwrap();
+            let mut s = BufReader::new(tls);
+            let (mut pending, mut group) = (String::new(), Vec::new());
+            let (mut in_data, mut done) = (false, 0usize);
+            loop {
+                let mut line = Vec::new();
+                if s.read_until(b'\n', &mut line).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                let text = String::from_utf8_lossy(&line).trim_end().to_owned();
+                let mut out = String::new();
+                if in_data {
+                    log.lock().unwrap().wire.extend_from_slice(&line);
+                    if text == "." {
+                        in_data = false;
+                        done += 1;
+                        out.push_str("250 2.0.0 queued\r\n");
+                    }
+                } else {
+                    log.lock().unwrap().commands.push(text.clone());
+                    match text.split([' ', ':']).next().unwrap_or("") {
+                        "EHLO" => out.push_str("250-mx.unit.test\r\n250 PIPELINING\r\n"),
+                        "MAIL" => {
+                            group.push(text.clone());
+                            pending.push_str(script.mail);
+                        }
+                        "RCPT" => {
+                            group.push(text.clone());
+                            pending.push_str(if text.contains(script.reject) {
+                                "550 5.1.1 unknown user\r\n"
+                            } else {
+                                "250 2.1.5 ok\r\n"
+                            });
+                        }
+                        "DATA" => {
+                            group.push(text.clone());
+                            log.lock().unwrap().groups.push(std::mem::take(&mut group));
+                            out = std::mem::take(&mut pending);
+                            out.push_str(script.data);
+                            in_data = script.data.starts_with("354");
+                        }
+                        "QUIT" => out.push_str("221 bye\r\n"),
+                        _ => out.push_str("250 ok\r\n"),
+                    }
+                }
+                s.get_mut().write_all(out.as_bytes()).await.unwrap();
+                let idle = !in_data && pending.is_empty();
+                if let Some((after, text)) = script.hang_up {
+                    if idle && done == after && !out.is_empty() {
+                        s.get_mut().write_all(text.as_bytes()).await.unwrap();
+                        return;
+                    }
+                }
+            }
+        });
+        (port, seen)
+    }
+
+    fn recipients(addresses: &[&str]) -> Vec<TxnRecipient> {
+        addresses
+            .iter()
+            .map(|a| TxnRecipient {
+                address: (*a).into(),
+                notify: None,
+                orcpt: None,
+            })
+            .collect()
+    }
+
+    fn message<'a>(rcpts: &'a [TxnRecipient], body: &'a [u8]) -> Transaction<'a> {
+        Transaction {
+            sender: "app@clinic.test",
+            recipients: rcpts,
+            body,
+            eight_bit: false,
+            smtputf8: false,
+            ret: None,
+            envid: None,
+        }
+    }
+
+    async fn pipelined_session(script: Script) -> (Session, Arc<Mutex<Seen>>, Pki) {
+        let pki = pki();
+        let trust = TrustStore::new(std::slice::from_ref(&pki.ca_file)).unwrap();
+        let (port, seen) = pipelining_server(pki.server.clone(), script).await;
+        let session = open(&settings(port), &trust, &spec(), MX, LOCAL)
+            .await
+            .unwrap();
+        assert!(session.extensions().pipelining);
+        (session, seen, pki)
+    }
+
+    /// `send`, failing the test instead of waiting out a 5-minute SMTP timeout.
+    async fn send_within(
+        session: &mut Session,
+        txn: &Transaction<'_>,
+    ) -> Result<Vec<RcptResult>, SessionError> {
+        tokio::time::timeout(Duration::from_secs(10), session.send(txn))
+            .await
+            .expect("the client waited for a reply the server holds until DATA")
+    }
+
+    #[tokio::test]
+    async fn with_pipelining_mail_rcpts_and_data_go_as_one_group() {
+        let (mut session, seen, _pki) = pipelined_session(ACCEPTING).await;
+        let rcpts = recipients(&["nobody@unit.test", "someone@unit.test"]);
+        let results = send_within(&mut session, &message(&rcpts, b"Hi\r\n.dot\r\n"))
+            .await
+            .unwrap();
+        assert!(
+            matches!(&results[0], RcptResult::Failed(r) if r.contains("550 5.1.1")),
+            "{results:?}"
+        );
+        assert!(
+            matches!(&results[1], RcptResult::Delivered(r) if r.contains("250 2.0.0")),
+            "{results:?}"
+        );
+        session.quit().await;
+        let seen = seen.lock().unwrap();
+        assert_eq!(
+            seen.groups,
+            vec![vec![
+                "MAIL FROM:<app@clinic.test>".to_owned(),
+                "RCPT TO:<nobody@unit.test>".to_owned(),
+                "RCPT TO:<someone@unit.test>".to_owned(),
+                "DATA".to_owned(),
+            ]]
+        );
+        assert_eq!(seen.wire, b"Hi\r\n..dot\r\n.\r\n");
+    }
+
+    #[tokio::test]
+    async fn with_pipelining_and_every_recipient_refused_an_accepted_data_ends_empty() {
+        let (mut session, seen, _pki) = pipelined_session(ACCEPTING).await;
+        let rcpts = recipients(&["nobody@unit.test", "nobody@other.test"]);
+        let results = send_within(&mut session, &message(&rcpts, b"PHI\r\n"))
+            .await
+            .unwrap();
+        assert!(
+            results
+                .iter()
+                .all(|r| matches!(r, RcptResult::Failed(w) if w.contains("550 5.1.1"))),
+            "{results:?}"
+        );
+        // the session is still in step: a second transaction works
+        let ok = recipients(&["someone@unit.test"]);
+        let results = send_within(&mut session, &message(&ok, b"Two\r\n"))
+            .await
+            .unwrap();
+        assert!(
+            matches!(&results[0], RcptResult::Delivered(_)),
+            "{results:?}"
+        );
+        let seen = seen.lock().unwrap();
+        // RFC 2920 3.1: a lone dot, never the body, then RSET
+        assert_eq!(seen.wire, b".\r\nTwo\r\n.\r\n");
+        assert!(
+            seen.commands.iter().any(|c| c == "RSET"),
+            "{:?}",
+            seen.commands
+        );
+    }
+
+    #[tokio::test]
+    async fn with_pipelining_a_refused_mail_fails_every_recipient_and_sends_no_data() {
+        let (mut session, seen, _pki) = pipelined_session(Script {
+            mail: "550 5.7.1 sender blocked\r\n",
+            data: "503 5.5.1 no valid recipients\r\n",
+            ..ACCEPTING
+        })
+        .await;
+        let rcpts = recipients(&["a@unit.test", "b@unit.test"]);
+        let results = send_within(&mut session, &message(&rcpts, b"PHI\r\n"))
+            .await
+            .unwrap();
+        assert!(
+            results
+                .iter()
+                .all(|r| matches!(r, RcptResult::Failed(w) if w.contains("550 5.7.1"))),
+            "{results:?}"
+        );
+        assert!(seen.lock().unwrap().wire.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_reused_session_the_server_closed_is_stale_but_a_new_one_fails_normally() {
+        for goodbye in ["", "421 4.4.2 mx.unit.test idle too long\r\n"] {
+            let (mut session, seen, _pki) = pipelined_session(Script {
+                hang_up: Some((1, goodbye)),
+                ..ACCEPTING
+            })
+            .await;
+            let rcpts = recipients(&["someone@unit.test"]);
+            let first = send_within(&mut session, &message(&rcpts, b"One\r\n"))
+                .await
+                .unwrap();
+            assert!(matches!(&first[0], RcptResult::Delivered(_)), "{first:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let err = send_within(&mut session, &message(&rcpts, b"Two\r\n"))
+                .await
+                .unwrap_err();
+            assert!(matches!(err, SessionError::Stale(_)), "{goodbye:?}: {err}");
+            assert_eq!(seen.lock().unwrap().wire, b"One\r\n.\r\n");
+        }
+        // A new session the server drops before its first reply: an ordinary failure, since
+        // nothing says the server did not act on it.
+        let (mut session, _seen, _pki) = pipelined_session(Script {
+            hang_up: Some((0, "")),
+            ..ACCEPTING
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let rcpts = recipients(&["someone@unit.test"]);
+        let err = send_within(&mut session, &message(&rcpts, b"One\r\n"))
+            .await
+            .unwrap_err();
+        assert!(!matches!(err, SessionError::Stale(_)), "{err}");
     }
 
     fn settings(port: u16) -> ClientSettings {

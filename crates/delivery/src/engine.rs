@@ -17,7 +17,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::client::{
-    open, ClientSettings, OpenError, RcptResult, Session, Transaction, TxnRecipient,
+    open, ClientSettings, OpenError, RcptResult, Session, SessionError, Transaction, TxnRecipient,
 };
 use crate::dns::{HostAddrs, MxAnswer, MxResolver};
 use crate::error::DeliveryError;
@@ -28,8 +28,6 @@ use notices::Failure;
 
 /// How long a verified session may sit idle before it is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Time allowed for the RSET that checks an idle session before reuse.
-const REUSE_CHECK_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest sleep of the scheduler when nothing is due.
 const MAX_SLEEP: Duration = Duration::from_secs(30);
 
@@ -421,8 +419,8 @@ impl Inner {
             self.expire(&lease).await;
             return;
         }
-        let body = match self.queue.body(id).await {
-            Ok(b) => Arc::new(b),
+        let body = match self.queue.delivery_body(id).await {
+            Ok(b) => b,
             Err(e) => {
                 tracing::error!(queue_id = %id, error = %e, "cannot read message body; deferring");
                 let results = lease
@@ -600,15 +598,23 @@ impl Inner {
                             continue;
                         }
                         connected_any = true;
-                        match self.session(lease, &policy, &host.name, ip).await {
-                            Ok(session) => {
-                                return self
-                                    .transact(lease, &policy, session, &recipients, body)
-                                    .await;
-                            }
-                            Err((why, evidence)) => {
-                                failures.push(why);
-                                last_evidence = Some(evidence);
+                        // a stale cached session is dropped and the next one (in the end a new
+                        // connection, which is never stale) takes the transaction
+                        loop {
+                            match self.session(lease, &policy, &host.name, ip).await {
+                                Ok(session) => {
+                                    if let Some(fates) = self
+                                        .transact(lease, &policy, session, &recipients, body)
+                                        .await
+                                    {
+                                        return fates;
+                                    }
+                                }
+                                Err((why, evidence)) => {
+                                    failures.push(why);
+                                    last_evidence = Some(evidence);
+                                    break;
+                                }
                             }
                         }
                     }
@@ -661,20 +667,18 @@ impl Inner {
             ip,
             policy: policy.spec.name.clone(),
         };
-        while let Some(mut session) = self.pool.take(&key) {
-            if session.reset_within(REUSE_CHECK_TIMEOUT).await {
-                tracing::debug!(queue_id = %lease.id, mx, transactions = session.transactions(), "reusing verified connection");
-                self.audit(
-                    Record::new(Event::Attempt)
-                        .queue_id(lease.id.to_string())
-                        .mx(mx.to_owned())
-                        .ip(ip)
-                        .tls(evidence_json(session.evidence()))
-                        .detail("reused", true),
-                )
-                .await;
-                return Ok((session, key));
-            }
+        if let Some(session) = self.pool.take(&key) {
+            tracing::debug!(queue_id = %lease.id, mx, transactions = session.transactions(), "reusing verified connection");
+            self.audit(
+                Record::new(Event::Attempt)
+                    .queue_id(lease.id.to_string())
+                    .mx(mx.to_owned())
+                    .ip(ip)
+                    .tls(evidence_json(session.evidence()))
+                    .detail("reused", true),
+            )
+            .await;
+            return Ok((session, key));
         }
         match open(&self.settings, &self.trust, &policy.spec, mx, ip).await {
             Ok(session) => {
@@ -725,6 +729,8 @@ impl Inner {
         }
     }
 
+    /// Runs the transaction on `session`; `None` if the session was a stale cached one (audited),
+    /// so the caller retries on another.
     async fn transact(
         &self,
         lease: &Lease,
@@ -732,7 +738,7 @@ impl Inner {
         (mut session, key): (Session, PoolKey),
         recipients: &[LeasedRecipient],
         body: &[u8],
-    ) -> Vec<(usize, Fate)> {
+    ) -> Option<Vec<(usize, Fate)>> {
         let env = &lease.envelope;
         let rcpts: Vec<TxnRecipient> = recipients
             .iter()
@@ -790,12 +796,25 @@ impl Inner {
                     out.push((r.index, fate));
                 }
                 tracing::info!(queue_id = %lease.id, mx, recipients = out.len(), "transaction finished");
-                out
+                Some(out)
+            }
+            Err(e @ SessionError::Stale(_)) => {
+                tracing::info!(queue_id = %lease.id, mx, error = %e, "cached connection no longer usable; trying another");
+                self.audit(
+                    Record::new(Event::Attempt)
+                        .queue_id(lease.id.to_string())
+                        .mx(mx.clone())
+                        .ip(ip)
+                        .detail("reused", true)
+                        .detail("error", e.to_string()),
+                )
+                .await;
+                None
             }
             Err(e) => {
                 tracing::warn!(queue_id = %lease.id, mx, error = %e, "session failed during the transaction");
                 let reason = format!("4.4.2 {remote}: {e}");
-                self.all_deferred(lease, recipients, reason).await
+                Some(self.all_deferred(lease, recipients, reason).await)
             }
         }
     }

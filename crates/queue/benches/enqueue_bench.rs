@@ -51,6 +51,7 @@ async fn run(group: bool, size: usize, concurrency: usize, budget: Duration, cap
     };
     let tuning = Tuning {
         max_batch: if group { 256 } else { 1 },
+        ..Tuning::default()
     };
     let queue = Queue::open_tuned(opts, keys, tuning).expect("open");
     let body = vec![b'x'; size];

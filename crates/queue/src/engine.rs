@@ -10,6 +10,7 @@ use crate::body;
 use crate::commit::Committer;
 use crate::crypto::{self, CryptoError, Kind};
 use crate::error::QueueError;
+use crate::hot::HotBodies;
 use crate::id::QueueId;
 use crate::keys::Keyring;
 use crate::record::{MessageRecord, RecipientState};
@@ -26,6 +27,8 @@ pub(crate) struct Inner {
     pub(crate) core: Arc<Core>,
     pub(crate) notify: Arc<Notify>,
     pub(crate) committer: Committer,
+    /// Bodies just enqueued, for their first delivery.
+    pub(crate) hot: HotBodies,
 }
 
 /// What a write transaction needs to read and change sealed records: keys, options, reports.

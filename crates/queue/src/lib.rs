@@ -11,6 +11,7 @@ mod commit;
 mod crypto;
 mod engine;
 mod error;
+mod hot;
 mod id;
 mod keys;
 mod record;
@@ -36,6 +37,7 @@ pub use record::{Envelope, RecipientSpec, RecipientState};
 use crate::commit::{Change, Committer, Insert};
 use crate::crypto::Kind;
 use crate::engine::{Core, Inner};
+use crate::hot::HotBodies;
 use crate::record::MessageRecord;
 use crate::schedule::to_ms;
 use crate::store::{Store, STORE_FILE};
@@ -59,11 +61,16 @@ pub struct QueueOptions {
 pub struct Tuning {
     /// Most enqueues per group commit (1 = no group commit).
     pub max_batch: usize,
+    /// Bytes of just-enqueued bodies kept in memory for their first delivery (0 = none).
+    pub hot_bytes: usize,
 }
 
 impl Default for Tuning {
     fn default() -> Self {
-        Tuning { max_batch: 256 }
+        Tuning {
+            max_batch: 256,
+            hot_bytes: hot::DEFAULT_BUDGET,
+        }
     }
 }
 
@@ -172,6 +179,7 @@ impl Queue {
             }),
             notify: Arc::new(Notify::new()),
             committer,
+            hot: HotBodies::new(tuning.hot_bytes),
         };
         let recovered = inner.recover_leases()?;
         if recovered > 0 {
@@ -202,7 +210,7 @@ impl Queue {
         }
         let id = QueueId::generate();
         let arrival = SystemTime::now();
-        let (job, rx) = self
+        let (job, rx, plain_body) = self
             .blocking(move |inner| {
                 let record = MessageRecord::new(env, arrival, body.len() as u64);
                 let plain = record.encode().map_err(|e| QueueError::Decode {
@@ -210,20 +218,21 @@ impl Queue {
                     detail: e.to_string(),
                 })?;
                 let meta = inner.core.seal(id, Kind::Meta, &plain)?;
-                let body = inner.core.seal(id, Kind::Body, &body)?;
+                let sealed = inner.core.seal(id, Kind::Body, &body)?;
                 let (reply, rx) = oneshot::channel();
                 let job = Insert {
                     id,
                     meta,
-                    body,
+                    body: sealed,
                     due_ms: to_ms(arrival),
                     reply,
                 };
-                Ok((job, rx))
+                Ok((job, rx, body))
             })
             .await?;
         self.inner.committer.submit(Box::new(job))?;
         rx.await.map_err(|_| QueueError::Closed)??;
+        self.inner.hot.insert(id, Arc::new(plain_body));
         self.inner.notify.notify_one();
         Ok(id)
     }
@@ -257,9 +266,18 @@ impl Queue {
             .await
     }
 
-    /// The decrypted body of a queued message.
+    /// The decrypted body of a queued message, read from the store.
     pub async fn body(&self, id: QueueId) -> Result<Vec<u8>, QueueError> {
         self.blocking(move |inner| inner.body(id)).await
+    }
+
+    /// The body of a queued message for delivery: from memory if it was enqueued moments ago
+    /// (see `hot.rs`), otherwise read from the store and decrypted.
+    pub async fn delivery_body(&self, id: QueueId) -> Result<Arc<Vec<u8>>, QueueError> {
+        if let Some(body) = self.inner.hot.get(id) {
+            return Ok(body);
+        }
+        self.body(id).await.map(Arc::new)
     }
 
     /// Records outcomes per recipient index; removes the message once every recipient is final.
@@ -269,6 +287,8 @@ impl Queue {
         results: Vec<(usize, Outcome)>,
     ) -> Result<(), QueueError> {
         let now = SystemTime::now();
+        // whatever the outcome, the next attempt (if any) is far enough away to read the store
+        self.inner.hot.remove(id);
         self.committed(move |core, txn| core.complete(txn, id, results.clone(), now))
             .await
     }
@@ -312,6 +332,7 @@ impl Queue {
 
     /// Puts a message on admin hold: never due until released.
     pub async fn hold(&self, id: QueueId) -> Result<(), QueueError> {
+        self.inner.hot.remove(id);
         self.blocking(move |inner| inner.hold(id)).await
     }
 
@@ -324,6 +345,7 @@ impl Queue {
 
     /// Deletes a message and its body.
     pub async fn delete(&self, id: QueueId) -> Result<(), QueueError> {
+        self.inner.hot.remove(id);
         self.blocking(move |inner| inner.delete(id)).await
     }
 

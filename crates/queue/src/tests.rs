@@ -61,6 +61,87 @@ fn later(secs: u64) -> SystemTime {
 }
 
 #[tokio::test]
+async fn a_fresh_body_is_delivered_from_memory_until_its_outcome_is_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(dir.path());
+    let body = b"Subject: x\r\n\r\nfresh\r\n".to_vec();
+    let id = q
+        .enqueue(envelope("a@x.example", &["r@y.example"]), body.clone())
+        .await
+        .unwrap();
+    assert_eq!(q.inner.hot.bytes(), body.len());
+    let first = q.delivery_body(id).await.unwrap();
+    assert_eq!(*first, body);
+    let again = q.delivery_body(id).await.unwrap();
+    assert!(
+        Arc::ptr_eq(&first, &again),
+        "served from memory, not the store"
+    );
+    // the store holds the same body, sealed
+    assert_eq!(q.body(id).await.unwrap(), body);
+
+    let lease = q.lease_due(SystemTime::now(), 10).await.unwrap().remove(0);
+    let deferred = Outcome::Deferred {
+        reason: "4.4.1 no answer".into(),
+    };
+    q.complete(id, vec![(lease.recipients[0].index, deferred)])
+        .await
+        .unwrap();
+    assert_eq!(
+        q.inner.hot.bytes(),
+        0,
+        "dropped once an outcome is recorded"
+    );
+    let retry = q.delivery_body(id).await.unwrap();
+    assert_eq!(*retry, body, "a retry reads the store");
+    assert!(!Arc::ptr_eq(&first, &retry));
+}
+
+#[tokio::test]
+async fn hold_and_delete_drop_a_fresh_body_from_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(dir.path());
+    let held = q
+        .enqueue(envelope("a@x.example", &["r@y.example"]), b"held".to_vec())
+        .await
+        .unwrap();
+    let deleted = q
+        .enqueue(
+            envelope("a@x.example", &["r@y.example"]),
+            b"deleted".to_vec(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(q.inner.hot.bytes(), 4 + 7);
+    q.hold(held).await.unwrap();
+    assert!(q.inner.hot.get(held).is_none());
+    q.delete(deleted).await.unwrap();
+    assert_eq!(q.inner.hot.bytes(), 0);
+    assert!(matches!(
+        q.delivery_body(deleted).await,
+        Err(QueueError::NotFound(_))
+    ));
+}
+
+#[tokio::test]
+async fn with_no_memory_budget_every_body_comes_from_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let tuning = Tuning {
+        hot_bytes: 0,
+        ..Tuning::default()
+    };
+    let q = Queue::open_tuned(opts(dir.path()), ring(), tuning).unwrap();
+    let id = q
+        .enqueue(envelope("a@x.example", &["r@y.example"]), b"cold".to_vec())
+        .await
+        .unwrap();
+    let a = q.delivery_body(id).await.unwrap();
+    let b = q.delivery_body(id).await.unwrap();
+    assert_eq!((a.as_slice(), b.as_slice()), (&b"cold"[..], &b"cold"[..]));
+    assert!(!Arc::ptr_eq(&a, &b));
+}
+
+#[tokio::test]
 async fn enqueue_lease_complete_and_removal_when_all_final() {
     let dir = tempfile::tempdir().unwrap();
     let q = open(dir.path());

@@ -97,6 +97,11 @@ async fn a_failed_fsync_refuses_the_enqueue_and_leaves_nothing() {
     // the write reached redb's pages (the sync ran), and was taken out again
     assert_eq!(ids(&q).await, vec![kept]);
     assert_eq!(q.stats().await.unwrap().messages, 1);
+    assert_eq!(
+        q.inner.hot.bytes(),
+        b"kept".len(),
+        "a refused body is not kept for delivery"
+    );
     let next = q
         .enqueue(envelope("e@x", &["f@y"]), b"next".to_vec())
         .await
@@ -122,6 +127,11 @@ async fn an_injected_full_disk_refuses_the_enqueue_and_leaves_nothing() {
     fired(&faults(&q).no_space_writes);
     assert!(matches!(err, QueueError::NoSpace), "{err:?}");
     assert!(ids(&q).await.is_empty());
+    assert_eq!(
+        q.inner.hot.bytes(),
+        0,
+        "a refused body is not kept for delivery"
+    );
     let id = q
         .enqueue(envelope("a@x", &["b@y"]), vec![2; 300_000])
         .await
