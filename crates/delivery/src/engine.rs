@@ -221,6 +221,7 @@ impl Engine {
             for session in inner.pool.drain(false) {
                 session.quit().await;
             }
+            inner.queue.forget_stale_bodies();
             let wait = if free == 0 {
                 MAX_SLEEP
             } else {

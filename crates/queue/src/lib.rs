@@ -271,6 +271,17 @@ impl Queue {
         self.blocking(move |inner| inner.body(id)).await
     }
 
+    /// Sets how many bytes of just-enqueued bodies are kept in memory for their first delivery
+    /// (0: none, e.g. while delivery is paused).
+    pub fn set_fresh_body_budget(&self, bytes: usize) {
+        self.inner.hot.set_budget(bytes);
+    }
+
+    /// Drops the just-enqueued bodies kept in memory longer than a minute.
+    pub fn forget_stale_bodies(&self) {
+        self.inner.hot.expire();
+    }
+
     /// The body of a queued message for delivery: from memory if it was enqueued moments ago
     /// (see `hot.rs`), otherwise read from the store and decrypted.
     pub async fn delivery_body(&self, id: QueueId) -> Result<Arc<Vec<u8>>, QueueError> {

@@ -124,6 +124,29 @@ async fn hold_and_delete_drop_a_fresh_body_from_memory() {
 }
 
 #[tokio::test]
+async fn a_zero_budget_set_later_empties_memory_and_keeps_nothing_new() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(dir.path());
+    let before = q
+        .enqueue(
+            envelope("a@x.example", &["r@y.example"]),
+            b"before".to_vec(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(q.inner.hot.bytes(), 6);
+    q.set_fresh_body_budget(0);
+    assert_eq!(q.inner.hot.bytes(), 0);
+    let after = q
+        .enqueue(envelope("a@x.example", &["r@y.example"]), b"after".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(q.inner.hot.bytes(), 0);
+    assert_eq!(*q.delivery_body(before).await.unwrap(), b"before");
+    assert_eq!(*q.delivery_body(after).await.unwrap(), b"after");
+}
+
+#[tokio::test]
 async fn with_no_memory_budget_every_body_comes_from_the_store() {
     let dir = tempfile::tempdir().unwrap();
     let tuning = Tuning {

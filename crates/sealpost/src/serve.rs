@@ -144,6 +144,8 @@ pub async fn run(source: ConfigSource) -> Result<()> {
     let (delivery_stop_tx, delivery_stop_rx) = watch::channel(false);
     let delivery = if config.delivery.paused {
         tracing::warn!("delivery.paused = true: mail is accepted and queued, nothing is delivered");
+        // nothing would take the bodies kept for a first delivery
+        queue.set_fresh_body_budget(0);
         tokio::spawn(async {})
     } else {
         tokio::spawn(engine.clone().run(delivery_stop_rx))
