@@ -149,6 +149,14 @@ pub enum SessionError {
     /// A reused session turned out to be closed (or closing) before this transaction began.
     #[error("the cached connection was no longer usable: {0}")]
     Stale(String),
+    /// A reply that the command cannot have (e.g. 354 to MAIL): client and server are out of step.
+    #[error("unexpected reply to {step}: {reply}")]
+    OutOfStep {
+        /// The step.
+        step: &'static str,
+        /// The reply as received.
+        reply: String,
+    },
 }
 
 /// Why SMTP AUTH at a smarthost did not succeed.
@@ -176,6 +184,9 @@ pub struct Session {
     settings: ClientSettings,
     /// Transactions completed on this session (for logging reuse).
     transactions: u32,
+    /// False once the session may be out of step with the server (a failed RSET, a reply
+    /// that does not fit the command): it must not carry another transaction.
+    in_step: bool,
 }
 
 impl std::fmt::Debug for Session {
@@ -339,6 +350,7 @@ pub async fn open_at(
         ip,
         settings: settings.clone(),
         transactions: 0,
+        in_step: true,
     })
 }
 
@@ -442,6 +454,27 @@ impl Session {
         self.transactions
     }
 
+    /// Whether the session can carry another transaction (no failed RSET, no unexpected reply).
+    pub fn in_step(&self) -> bool {
+        self.in_step
+    }
+
+    /// Whether the server sent something (a goodbye, a late reply) or closed the connection
+    /// while the session sat idle. SMTP servers speak only when spoken to, so such a session is
+    /// closing or out of step. Checks without waiting.
+    fn spoke_while_idle(&mut self) -> bool {
+        if self.reader.buffered() > 0 {
+            return true;
+        }
+        let mut byte = [0u8; 1];
+        let mut buf = tokio::io::ReadBuf::new(&mut byte);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        // data, end of file or an error are all "spoke"; only Pending means silence
+        std::pin::Pin::new(self.reader.get_mut())
+            .poll_read(&mut cx, &mut buf)
+            .is_ready()
+    }
+
     /// Sends one message; returns one result per recipient, in order.
     ///
     /// A 550 for one recipient does not affect the others. An `Err` means the connection is
@@ -477,13 +510,31 @@ impl Session {
                 ))),
             })
             .collect();
-        let results = if self.ehlo.pipelining {
-            self.send_pipelined(&mail, rcpts, txn.body).await?
+        if !self.in_step {
+            return Err(SessionError::Stale(
+                "earlier replies were out of step".into(),
+            ));
+        }
+        if self.transactions > 0 && self.spoke_while_idle() {
+            return Err(SessionError::Stale(
+                "the server spoke or closed the connection while it was idle".into(),
+            ));
+        }
+        let sent = if self.ehlo.pipelining {
+            self.send_pipelined(&mail, rcpts, txn.body).await
         } else {
-            self.send_in_steps(&mail, rcpts, txn.body).await?
+            self.send_in_steps(&mail, rcpts, txn.body).await
         };
-        self.transactions += 1;
-        Ok(results)
+        match sent {
+            Ok(results) => {
+                self.transactions += 1;
+                Ok(results)
+            }
+            Err(e) => {
+                self.in_step = false;
+                Err(e)
+            }
+        }
     }
 
     fn said(&self, r: &Reply) -> String {
@@ -500,11 +551,12 @@ impl Session {
     }
 
     /// The result of one RCPT reply: `None` if accepted.
-    fn rcpt_result(&self, reply: &Reply) -> Option<RcptResult> {
+    fn rcpt_result(&self, reply: &Reply) -> Result<Option<RcptResult>, SessionError> {
         match reply.code {
-            250 | 251 => None,
-            c if c >= 500 => Some(RcptResult::Failed(self.said(reply))),
-            _ => Some(RcptResult::Deferred(self.said(reply))),
+            250 | 251 => Ok(None),
+            400..=499 => Ok(Some(RcptResult::Deferred(self.said(reply)))),
+            500..=599 => Ok(Some(RcptResult::Failed(self.said(reply)))),
+            _ => Err(out_of_step("RCPT", reply)),
         }
     }
 
@@ -558,7 +610,7 @@ impl Session {
         let s = self.settings.clone();
         let n = rcpts.len();
         let reply = self.first_reply(s.mail_timeout, Some(mail)).await?;
-        if !reply.is_positive() {
+        if !accepted("MAIL", &reply, 250)? {
             self.reset().await;
             return Ok(vec![self.refused(&reply); n]);
         }
@@ -568,7 +620,7 @@ impl Session {
                 Err(failed) => results.push(Some(failed)),
                 Ok(line) => {
                     let reply = command(&mut self.reader, &line, s.rcpt_timeout, "RCPT").await?;
-                    results.push(self.rcpt_result(&reply));
+                    results.push(self.rcpt_result(&reply)?);
                 }
             }
         }
@@ -605,19 +657,20 @@ impl Session {
                 Err(failed) => results.push(Some(failed)),
                 Ok(_) => {
                     let reply = reply_within(&mut self.reader, s.rcpt_timeout, "RCPT").await?;
-                    results.push(self.rcpt_result(&reply));
+                    results.push(self.rcpt_result(&reply)?);
                 }
             }
         }
         let data_reply = reply_within(&mut self.reader, s.data_init_timeout, "DATA").await?;
+        let mail_ok = accepted("MAIL", &mail_reply, 250)?;
         let nobody = results.iter().all(Option::is_some);
-        if !mail_reply.is_positive() || nobody {
-            if data_reply.code == 354 {
+        if !mail_ok || nobody {
+            if accepted("DATA", &data_reply, 354)? {
                 // RFC 2920 3.1: DATA was accepted with no transaction to send; end it empty
                 command(&mut self.reader, ".\r\n", s.data_end_timeout, "final dot").await?;
             }
             self.reset().await;
-            if !mail_reply.is_positive() {
+            if !mail_ok {
                 return Ok(vec![self.refused(&mail_reply); n]);
             }
             return Ok(results.into_iter().flatten().collect());
@@ -633,7 +686,7 @@ impl Session {
         body: &[u8],
         results: Vec<Option<RcptResult>>,
     ) -> Result<Vec<RcptResult>, SessionError> {
-        let final_result = if data_reply.code == 354 {
+        let final_result = if accepted("DATA", data_reply, 354)? {
             self.data(body).await?
         } else {
             self.reset().await;
@@ -667,8 +720,14 @@ impl Session {
         let reply = reply_within(&mut self.reader, data_end, "final dot").await?;
         Ok(match reply.code {
             250 => RcptResult::Delivered(self.said(&reply)),
-            c if c >= 500 => RcptResult::Failed(self.said(&reply)),
-            _ => RcptResult::Deferred(self.said(&reply)),
+            500..=599 => RcptResult::Failed(self.said(&reply)),
+            400..=499 => RcptResult::Deferred(self.said(&reply)),
+            _ => {
+                // not a reply the final dot can have: retry later (a possible duplicate,
+                // never a loss) and do not reuse the session
+                self.in_step = false;
+                RcptResult::Deferred(self.said(&reply))
+            }
         })
     }
 
@@ -716,7 +775,12 @@ impl Session {
     /// Sends RSET with a shorter limit (checking an idle session before reuse).
     pub async fn reset_within(&mut self, limit: Duration) -> bool {
         let limit = limit.min(self.settings.command_timeout);
-        matches!(command(&mut self.reader, "RSET\r\n", limit, "RSET").await, Ok(r) if r.code == 250)
+        let ok = matches!(command(&mut self.reader, "RSET\r\n", limit, "RSET").await, Ok(r) if r.code == 250);
+        if !ok {
+            // a late or missing reply would be read as the next command's
+            self.in_step = false;
+        }
+        ok
     }
 
     /// Says QUIT and closes (best effort, bounded by the command timeout).
@@ -809,6 +873,23 @@ async fn command<S: AsyncRead + AsyncWrite + Unpin>(
     timeout(limit, exchange)
         .await
         .map_err(|_| SessionError::Timeout(step))?
+}
+
+/// Whether `reply` accepts `step` (`want`, e.g. 250 for MAIL) or refuses it (4xx, 5xx); any
+/// other code cannot answer that command, so client and server are out of step.
+fn accepted(step: &'static str, reply: &Reply, want: u16) -> Result<bool, SessionError> {
+    match reply.code {
+        c if c == want => Ok(true),
+        400..=599 => Ok(false),
+        _ => Err(out_of_step(step, reply)),
+    }
+}
+
+fn out_of_step(step: &'static str, reply: &Reply) -> SessionError {
+    SessionError::OutOfStep {
+        step,
+        reply: reply.to_string(),
+    }
 }
 
 async fn reply_within<S: AsyncRead + Unpin>(
@@ -1109,6 +1190,8 @@ mod tests {
         /// After this many transactions (0: right after the EHLO that follows STARTTLS), write
         /// the text (may be empty) and close without QUIT, like an idle timeout.
         hang_up: Option<(usize, &'static str)>,
+        /// The reply to RSET.
+        rset: &'static str,
     }
 
     const ACCEPTING: Script = Script {
@@ -1116,6 +1199,7 @@ mod tests {
         reject: "nobody@",
         data: "354 go\r\n",
         hang_up: None,
+        rset: "250 2.0.0 ok\r\n",
     };
 
     /// A one-connection server offering PIPELINING after STARTTLS. It answers MAIL and RCPT only
@@ -1185,6 +1269,7 @@ mod tests {
                             in_data = script.data.starts_with("354");
                         }
                         "QUIT" => out.push_str("221 bye\r\n"),
+                        "RSET" => out.push_str(script.rset),
                         _ => out.push_str("250 ok\r\n"),
                     }
                 }
@@ -1328,8 +1413,55 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_reply_that_does_not_fit_its_command_stops_the_transaction_before_any_data() {
+        let (mut session, seen, _pki) = pipelined_session(Script {
+            mail: "354 go ahead\r\n",
+            ..ACCEPTING
+        })
+        .await;
+        let rcpts = recipients(&["someone@unit.test"]);
+        let err = send_within(&mut session, &message(&rcpts, b"PHI\r\n"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, SessionError::OutOfStep { step: "MAIL", reply } if reply.contains("354")),
+            "{err}"
+        );
+        assert!(!session.in_step());
+        assert!(
+            seen.lock().unwrap().wire.is_empty(),
+            "no data without a 354 to DATA"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_rset_takes_the_session_out_of_reuse() {
+        let (mut session, _seen, _pki) = pipelined_session(Script {
+            rset: "500 5.5.1 what?\r\n",
+            ..ACCEPTING
+        })
+        .await;
+        // every recipient refused: the transaction ends with RSET, which fails
+        let rcpts = recipients(&["nobody@unit.test"]);
+        let results = send_within(&mut session, &message(&rcpts, b"PHI\r\n"))
+            .await
+            .unwrap();
+        assert!(matches!(&results[0], RcptResult::Failed(_)), "{results:?}");
+        assert!(
+            !session.in_step(),
+            "a session whose RSET failed is not reused"
+        );
+        let again = send_within(&mut session, &message(&rcpts, b"PHI\r\n")).await;
+        assert!(matches!(again, Err(SessionError::Stale(_))), "{again:?}");
+    }
+
+    #[tokio::test]
     async fn a_reused_session_the_server_closed_is_stale_but_a_new_one_fails_normally() {
-        for goodbye in ["", "421 4.4.2 mx.unit.test idle too long\r\n"] {
+        for goodbye in [
+            "",
+            "421 4.4.2 mx.unit.test idle too long\r\n",
+            "451 4.7.0 Timeout waiting for client input\r\n",
+        ] {
             let (mut session, seen, _pki) = pipelined_session(Script {
                 hang_up: Some((1, goodbye)),
                 ..ACCEPTING
@@ -1345,7 +1477,13 @@ mod tests {
                 .await
                 .unwrap_err();
             assert!(matches!(err, SessionError::Stale(_)), "{goodbye:?}: {err}");
-            assert_eq!(seen.lock().unwrap().wire, b"One\r\n.\r\n");
+            let seen = seen.lock().unwrap();
+            assert_eq!(seen.wire, b"One\r\n.\r\n");
+            assert_eq!(
+                seen.groups.len(),
+                1,
+                "nothing sent once the server had spoken"
+            );
         }
         // A new session the server drops before its first reply: an ordinary failure, since
         // nothing says the server did not act on it.

@@ -763,7 +763,9 @@ impl Inner {
         let remote = format!("{mx} [{ip}]");
         match session.send(&txn).await {
             Ok(results) => {
-                self.pool.put(key, session);
+                if session.in_step() {
+                    self.pool.put(key, session);
+                }
                 let mut out = Vec::new();
                 for (r, result) in recipients.iter().zip(results) {
                     let base = Record::new(Event::Delivered)

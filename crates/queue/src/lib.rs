@@ -230,9 +230,18 @@ impl Queue {
                 Ok((job, rx, body))
             })
             .await?;
-        self.inner.committer.submit(Box::new(job))?;
-        rx.await.map_err(|_| QueueError::Closed)??;
+        // Kept before the commit (dropped at once if it does not fit), so that a delivery that
+        // leases the message the moment it is durable finds it, and an outcome recorded then
+        // cannot be followed by a late insert. Nothing can lease it before the commit.
         self.inner.hot.insert(id, Arc::new(plain_body));
+        let committed = match self.inner.committer.submit(Box::new(job)) {
+            Ok(()) => rx.await.map_err(|_| QueueError::Closed).and_then(|r| r),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = committed {
+            self.inner.hot.remove(id);
+            return Err(e);
+        }
         self.inner.notify.notify_one();
         Ok(id)
     }

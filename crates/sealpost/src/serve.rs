@@ -91,6 +91,10 @@ pub async fn run(source: ConfigSource) -> Result<()> {
     let config = source.load()?;
     ensure_dir(&config.server.state_dir)?;
     let queue = open_queue(&config)?;
+    if config.delivery.paused {
+        // nothing would take the bodies kept for a first delivery; set before any listener
+        queue.set_fresh_body_budget(0);
+    }
     let audit = open_audit(&config)?;
     let admin_path = config.admin_socket();
     let rt = runtime(config.clone())?;
@@ -144,8 +148,6 @@ pub async fn run(source: ConfigSource) -> Result<()> {
     let (delivery_stop_tx, delivery_stop_rx) = watch::channel(false);
     let delivery = if config.delivery.paused {
         tracing::warn!("delivery.paused = true: mail is accepted and queued, nothing is delivered");
-        // nothing would take the bodies kept for a first delivery
-        queue.set_fresh_body_budget(0);
         tokio::spawn(async {})
     } else {
         tokio::spawn(engine.clone().run(delivery_stop_rx))
