@@ -651,6 +651,12 @@ impl Session {
         }
         batch.push_str("DATA\r\n");
         let mail_reply = self.first_reply(s.mail_timeout, Some(&batch)).await?;
+        let sent = rcpts.iter().filter(|r| r.is_ok()).count();
+        if !accepted("MAIL", &mail_reply, 250)? {
+            // refused: the answer is definite whatever happens to the rest of the group
+            self.end_group(sent).await;
+            return Ok(vec![self.refused(&mail_reply); n]);
+        }
         let mut results: Vec<Option<RcptResult>> = Vec::with_capacity(n);
         for rcpt in rcpts {
             match rcpt {
@@ -661,21 +667,36 @@ impl Session {
                 }
             }
         }
-        let data_reply = reply_within(&mut self.reader, s.data_init_timeout, "DATA").await?;
-        let mail_ok = accepted("MAIL", &mail_reply, 250)?;
-        let nobody = results.iter().all(Option::is_some);
-        if !mail_ok || nobody {
-            if accepted("DATA", &data_reply, 354)? {
-                // RFC 2920 3.1: DATA was accepted with no transaction to send; end it empty
-                command(&mut self.reader, ".\r\n", s.data_end_timeout, "final dot").await?;
-            }
-            self.reset().await;
-            if !mail_ok {
-                return Ok(vec![self.refused(&mail_reply); n]);
-            }
+        if results.iter().all(Option::is_some) {
+            // every recipient refused: definite answers, whatever happens to DATA
+            self.end_group(0).await;
             return Ok(results.into_iter().flatten().collect());
         }
+        let data_reply = reply_within(&mut self.reader, s.data_init_timeout, "DATA").await?;
         self.finish(&data_reply, body, results).await
+    }
+
+    /// Ends a pipelined group that will send no message: reads the `rcpt_replies` RCPT replies
+    /// still due and the DATA reply, ends an accepted DATA with a lone dot (RFC 2920 3.1), and
+    /// sends RSET. Anything that fails or does not fit takes the session out of reuse.
+    async fn end_group(&mut self, rcpt_replies: usize) {
+        let s = self.settings.clone();
+        let ended = async {
+            for _ in 0..rcpt_replies {
+                reply_within(&mut self.reader, s.rcpt_timeout, "RCPT").await?;
+            }
+            let data = reply_within(&mut self.reader, s.data_init_timeout, "DATA").await?;
+            if accepted("DATA", &data, 354)? {
+                command(&mut self.reader, ".\r\n", s.data_end_timeout, "final dot").await?;
+            }
+            Ok::<(), SessionError>(())
+        }
+        .await;
+        if ended.is_err() {
+            self.in_step = false;
+        } else {
+            self.reset().await;
+        }
     }
 
     /// After the reply to DATA: sends the data if it was 354; every accepted recipient (`None`
@@ -1192,6 +1213,8 @@ mod tests {
         hang_up: Option<(usize, &'static str)>,
         /// The reply to RSET.
         rset: &'static str,
+        /// Answer only MAIL of a pipelined group, then close.
+        close_after_mail: bool,
     }
 
     const ACCEPTING: Script = Script {
@@ -1200,6 +1223,7 @@ mod tests {
         data: "354 go\r\n",
         hang_up: None,
         rset: "250 2.0.0 ok\r\n",
+        close_after_mail: false,
     };
 
     /// A one-connection server offering PIPELINING after STARTTLS. It answers MAIL and RCPT only
@@ -1260,6 +1284,11 @@ mod tests {
                             } else {
                                 "250 2.1.5 ok\r\n"
                             });
+                        }
+                        "DATA" if script.close_after_mail => {
+                            let first = pending.split_inclusive("\r\n").next().unwrap_or("");
+                            s.get_mut().write_all(first.as_bytes()).await.unwrap();
+                            return;
                         }
                         "DATA" => {
                             group.push(text.clone());
@@ -1432,6 +1461,28 @@ mod tests {
             seen.lock().unwrap().wire.is_empty(),
             "no data without a 354 to DATA"
         );
+    }
+
+    #[tokio::test]
+    async fn with_pipelining_a_refused_mail_counts_even_if_the_server_then_hangs_up() {
+        let (mut session, seen, _pki) = pipelined_session(Script {
+            mail: "554 5.7.1 no mail from you\r\n",
+            close_after_mail: true,
+            ..ACCEPTING
+        })
+        .await;
+        let rcpts = recipients(&["a@unit.test", "b@unit.test"]);
+        let results = send_within(&mut session, &message(&rcpts, b"PHI\r\n"))
+            .await
+            .unwrap();
+        assert!(
+            results
+                .iter()
+                .all(|r| matches!(r, RcptResult::Failed(w) if w.contains("554 5.7.1"))),
+            "{results:?}"
+        );
+        assert!(!session.in_step(), "the server hung up: not reused");
+        assert!(seen.lock().unwrap().wire.is_empty());
     }
 
     #[tokio::test]
