@@ -497,6 +497,16 @@ impl Session {
             let why = format!("5.1.7 sender address {:?} cannot be sent", txn.sender);
             return Ok(vec![RcptResult::Failed(why); n]);
         };
+        if !self.in_step {
+            return Err(SessionError::Stale(
+                "earlier replies were out of step".into(),
+            ));
+        }
+        if self.transactions > 0 && self.spoke_while_idle() {
+            return Err(SessionError::Stale(
+                "the server spoke or closed the connection while it was idle".into(),
+            ));
+        }
         let mail = mail_from_line(&from, &self.mail_params(txn));
         // one entry per recipient: the RCPT line to send, or why it cannot be sent
         let rcpts: Vec<Result<String, RcptResult>> = txn
@@ -510,15 +520,9 @@ impl Session {
                 ))),
             })
             .collect();
-        if !self.in_step {
-            return Err(SessionError::Stale(
-                "earlier replies were out of step".into(),
-            ));
-        }
-        if self.transactions > 0 && self.spoke_while_idle() {
-            return Err(SessionError::Stale(
-                "the server spoke or closed the connection while it was idle".into(),
-            ));
+        if rcpts.iter().all(Result::is_err) {
+            // no recipient can be sent: no transaction is started
+            return Ok(rcpts.into_iter().filter_map(Result::err).collect());
         }
         let sent = if self.ehlo.pipelining {
             self.send_pipelined(&mail, rcpts, txn.body).await
@@ -535,6 +539,12 @@ impl Session {
                 Err(e)
             }
         }
+    }
+
+    /// The MAIL, RCPT and DATA reply timeouts.
+    fn step_timeouts(&self) -> (Duration, Duration, Duration) {
+        let s = &self.settings;
+        (s.mail_timeout, s.rcpt_timeout, s.data_init_timeout)
     }
 
     fn said(&self, r: &Reply) -> String {
@@ -575,23 +585,16 @@ impl Session {
             )
     }
 
-    /// The first reply of a transaction; on a reused session a closed connection, a timeout of
-    /// [`REUSED_FIRST_REPLY_TIMEOUT`] or a 421 becomes [`SessionError::Stale`].
-    async fn first_reply(
-        &mut self,
-        limit: Duration,
-        write: Option<&str>,
-    ) -> Result<Reply, SessionError> {
+    /// Writes `lines` (MAIL, or a pipelined group) and reads the transaction's first reply; on a
+    /// reused session a closed connection, a timeout of [`REUSED_FIRST_REPLY_TIMEOUT`] or a 421
+    /// becomes [`SessionError::Stale`].
+    async fn first_reply(&mut self, limit: Duration, lines: &str) -> Result<Reply, SessionError> {
         let limit = if self.transactions > 0 {
             limit.min(REUSED_FIRST_REPLY_TIMEOUT)
         } else {
             limit
         };
-        let got = match write {
-            Some(line) => command(&mut self.reader, line, limit, "MAIL").await,
-            None => reply_within(&mut self.reader, limit, "MAIL").await,
-        };
-        match got {
+        match command(&mut self.reader, lines, limit, "MAIL").await {
             Err(e) if self.stale(&e) => Err(SessionError::Stale(e.to_string())),
             Ok(r) if r.code == 421 && self.transactions > 0 => {
                 Err(SessionError::Stale(r.to_string()))
@@ -607,9 +610,9 @@ impl Session {
         rcpts: Vec<Result<String, RcptResult>>,
         body: &[u8],
     ) -> Result<Vec<RcptResult>, SessionError> {
-        let s = self.settings.clone();
+        let (mail_t, rcpt_t, data_t) = self.step_timeouts();
         let n = rcpts.len();
-        let reply = self.first_reply(s.mail_timeout, Some(mail)).await?;
+        let reply = self.first_reply(mail_t, mail).await?;
         if !accepted("MAIL", &reply, 250)? {
             self.reset().await;
             return Ok(vec![self.refused(&reply); n]);
@@ -619,7 +622,7 @@ impl Session {
             match rcpt {
                 Err(failed) => results.push(Some(failed)),
                 Ok(line) => {
-                    let reply = command(&mut self.reader, &line, s.rcpt_timeout, "RCPT").await?;
+                    let reply = command(&mut self.reader, &line, rcpt_t, "RCPT").await?;
                     results.push(self.rcpt_result(&reply)?);
                 }
             }
@@ -628,7 +631,7 @@ impl Session {
             self.reset().await;
             return Ok(results.into_iter().flatten().collect());
         }
-        let reply = command(&mut self.reader, "DATA\r\n", s.data_init_timeout, "DATA").await?;
+        let reply = command(&mut self.reader, "DATA\r\n", data_t, "DATA").await?;
         self.finish(&reply, body, results).await
     }
 
@@ -639,18 +642,14 @@ impl Session {
         rcpts: Vec<Result<String, RcptResult>>,
         body: &[u8],
     ) -> Result<Vec<RcptResult>, SessionError> {
-        let s = self.settings.clone();
+        let (mail_t, rcpt_t, data_t) = self.step_timeouts();
         let n = rcpts.len();
-        if rcpts.iter().all(Result::is_err) {
-            // nothing to send: no transaction is started
-            return Ok(rcpts.into_iter().filter_map(Result::err).collect());
-        }
         let mut batch = String::from(mail);
         for line in rcpts.iter().flatten() {
             batch.push_str(line);
         }
         batch.push_str("DATA\r\n");
-        let mail_reply = self.first_reply(s.mail_timeout, Some(&batch)).await?;
+        let mail_reply = self.first_reply(mail_t, &batch).await?;
         let sent = rcpts.iter().filter(|r| r.is_ok()).count();
         if !accepted("MAIL", &mail_reply, 250)? {
             // refused: the answer is definite whatever happens to the rest of the group
@@ -662,7 +661,7 @@ impl Session {
             match rcpt {
                 Err(failed) => results.push(Some(failed)),
                 Ok(_) => {
-                    let reply = reply_within(&mut self.reader, s.rcpt_timeout, "RCPT").await?;
+                    let reply = reply_within(&mut self.reader, rcpt_t, "RCPT").await?;
                     results.push(self.rcpt_result(&reply)?);
                 }
             }
@@ -672,7 +671,7 @@ impl Session {
             self.end_group(0).await;
             return Ok(results.into_iter().flatten().collect());
         }
-        let data_reply = reply_within(&mut self.reader, s.data_init_timeout, "DATA").await?;
+        let data_reply = reply_within(&mut self.reader, data_t, "DATA").await?;
         self.finish(&data_reply, body, results).await
     }
 
@@ -680,14 +679,15 @@ impl Session {
     /// still due and the DATA reply, ends an accepted DATA with a lone dot (RFC 2920 3.1), and
     /// sends RSET. Anything that fails or does not fit takes the session out of reuse.
     async fn end_group(&mut self, rcpt_replies: usize) {
-        let s = self.settings.clone();
+        let (_, rcpt_t, data_t) = self.step_timeouts();
+        let end_t = self.settings.data_end_timeout;
         let ended = async {
             for _ in 0..rcpt_replies {
-                reply_within(&mut self.reader, s.rcpt_timeout, "RCPT").await?;
+                reply_within(&mut self.reader, rcpt_t, "RCPT").await?;
             }
-            let data = reply_within(&mut self.reader, s.data_init_timeout, "DATA").await?;
+            let data = reply_within(&mut self.reader, data_t, "DATA").await?;
             if accepted("DATA", &data, 354)? {
-                command(&mut self.reader, ".\r\n", s.data_end_timeout, "final dot").await?;
+                command(&mut self.reader, ".\r\n", end_t, "final dot").await?;
             }
             Ok::<(), SessionError>(())
         }
@@ -793,7 +793,7 @@ impl Session {
         self.reset_within(self.settings.command_timeout).await
     }
 
-    /// Sends RSET with a shorter limit (checking an idle session before reuse).
+    /// Sends RSET with a shorter limit; false (and the session leaves reuse) if it failed.
     pub async fn reset_within(&mut self, limit: Duration) -> bool {
         let limit = limit.min(self.settings.command_timeout);
         let ok = matches!(command(&mut self.reader, "RSET\r\n", limit, "RSET").await, Ok(r) if r.code == 250);
@@ -1349,6 +1349,15 @@ mod tests {
         (session, seen, pki)
     }
 
+    fn assert_all_failed(results: &[RcptResult], reply: &str) {
+        assert!(
+            results
+                .iter()
+                .all(|r| matches!(r, RcptResult::Failed(w) if w.contains(reply))),
+            "every recipient should fail with {reply}: {results:?}"
+        );
+    }
+
     /// `send`, failing the test instead of waiting out a 5-minute SMTP timeout.
     async fn send_within(
         session: &mut Session,
@@ -1395,12 +1404,7 @@ mod tests {
         let results = send_within(&mut session, &message(&rcpts, b"PHI\r\n"))
             .await
             .unwrap();
-        assert!(
-            results
-                .iter()
-                .all(|r| matches!(r, RcptResult::Failed(w) if w.contains("550 5.1.1"))),
-            "{results:?}"
-        );
+        assert_all_failed(&results, "550 5.1.1");
         // the session is still in step: a second transaction works
         let ok = recipients(&["someone@unit.test"]);
         let results = send_within(&mut session, &message(&ok, b"Two\r\n"))
@@ -1432,12 +1436,7 @@ mod tests {
         let results = send_within(&mut session, &message(&rcpts, b"PHI\r\n"))
             .await
             .unwrap();
-        assert!(
-            results
-                .iter()
-                .all(|r| matches!(r, RcptResult::Failed(w) if w.contains("550 5.7.1"))),
-            "{results:?}"
-        );
+        assert_all_failed(&results, "550 5.7.1");
         assert!(seen.lock().unwrap().wire.is_empty());
     }
 
@@ -1475,12 +1474,7 @@ mod tests {
         let results = send_within(&mut session, &message(&rcpts, b"PHI\r\n"))
             .await
             .unwrap();
-        assert!(
-            results
-                .iter()
-                .all(|r| matches!(r, RcptResult::Failed(w) if w.contains("554 5.7.1"))),
-            "{results:?}"
-        );
+        assert_all_failed(&results, "554 5.7.1");
         assert!(!session.in_step(), "the server hung up: not reused");
         assert!(seen.lock().unwrap().wire.is_empty());
     }

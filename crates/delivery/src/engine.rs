@@ -670,15 +670,8 @@ impl Inner {
         };
         if let Some(session) = self.pool.take(&key) {
             tracing::debug!(queue_id = %lease.id, mx, transactions = session.transactions(), "reusing verified connection");
-            self.audit(
-                Record::new(Event::Attempt)
-                    .queue_id(lease.id.to_string())
-                    .mx(mx.to_owned())
-                    .ip(ip)
-                    .tls(evidence_json(session.evidence()))
-                    .detail("reused", true),
-            )
-            .await;
+            self.audit(reused_attempt(lease, mx, ip).tls(evidence_json(session.evidence())))
+                .await;
             return Ok((session, key));
         }
         match open(&self.settings, &self.trust, &policy.spec, mx, ip).await {
@@ -803,15 +796,8 @@ impl Inner {
             }
             Err(e @ SessionError::Stale(_)) => {
                 tracing::info!(queue_id = %lease.id, mx, error = %e, "cached connection no longer usable; trying another");
-                self.audit(
-                    Record::new(Event::Attempt)
-                        .queue_id(lease.id.to_string())
-                        .mx(mx.clone())
-                        .ip(ip)
-                        .detail("reused", true)
-                        .detail("error", e.to_string()),
-                )
-                .await;
+                self.audit(reused_attempt(lease, &mx, ip).detail("error", e.to_string()))
+                    .await;
                 None
             }
             Err(e) => {
@@ -990,6 +976,15 @@ fn all_failed(recipients: &[LeasedRecipient], reason: &str, words: &str) -> Vec<
 
 fn rfc3339(t: SystemTime) -> String {
     chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339()
+}
+
+/// The audit record of an attempt on a cached session.
+fn reused_attempt(lease: &Lease, mx: &str, ip: IpAddr) -> Record {
+    Record::new(Event::Attempt)
+        .queue_id(lease.id.to_string())
+        .mx(mx.to_owned())
+        .ip(ip)
+        .detail("reused", true)
 }
 
 #[cfg(test)]

@@ -234,11 +234,11 @@ impl Queue {
         // leases the message the moment it is durable finds it, and an outcome recorded then
         // cannot be followed by a late insert. Nothing can lease it before the commit.
         self.inner.hot.insert(id, Arc::new(plain_body));
-        let committed = match self.inner.committer.submit(Box::new(job)) {
-            Ok(()) => rx.await.map_err(|_| QueueError::Closed).and_then(|r| r),
-            Err(e) => Err(e),
+        let committed = async {
+            self.inner.committer.submit(Box::new(job))?;
+            rx.await.map_err(|_| QueueError::Closed)?
         };
-        if let Err(e) = committed {
+        if let Err(e) = committed.await {
             self.inner.hot.remove(id);
             return Err(e);
         }
