@@ -299,6 +299,22 @@ async fn sigterm_under_load_exits_zero_and_loses_nothing_acknowledged() {
     assert_eq!(delivered.1, 0, "a graceful stop must not cause duplicates");
 }
 
+/// Logs going to a file or journald (not a terminal) carry no colour codes, so `key=value`
+/// fields can be matched as written.
+#[test]
+fn human_logs_off_a_terminal_are_plain_text() {
+    let relay = Relay::start(RelayConfig::default());
+    let logs = relay.logs();
+    assert!(
+        logs.contains(&format!("address={}", relay.starttls)),
+        "the listener's address is not greppable as key=value: {logs}"
+    );
+    assert!(
+        !logs.contains('\u{1b}'),
+        "escape codes in a log file: {logs:?}"
+    );
+}
+
 /// `--log-format json` writes one JSON object per line.
 #[test]
 fn json_log_format() {
