@@ -42,6 +42,9 @@ use crate::record::MessageRecord;
 use crate::schedule::to_ms;
 use crate::store::{Store, STORE_FILE};
 
+/// Bodies up to this size are sealed on the calling task instead of a blocking thread.
+const INLINE_SEAL_BYTES: usize = 64 * 1024;
+
 /// Where the queue lives and how it schedules retries.
 #[derive(Clone, Debug)]
 pub struct QueueOptions {
@@ -210,26 +213,33 @@ impl Queue {
         }
         let id = QueueId::generate();
         let arrival = SystemTime::now();
-        let (job, rx, plain_body) = self
-            .blocking(move |inner| {
-                let record = MessageRecord::new(env, arrival, body.len() as u64);
-                let plain = record.encode().map_err(|e| QueueError::Decode {
-                    id,
-                    detail: e.to_string(),
-                })?;
-                let meta = inner.core.seal(id, Kind::Meta, &plain)?;
-                let sealed = inner.core.seal(id, Kind::Body, &body)?;
-                let (reply, rx) = oneshot::channel();
-                let job = Insert {
-                    id,
-                    meta,
-                    body: sealed,
-                    due_ms: to_ms(arrival),
-                    reply,
-                };
-                Ok((job, rx, body))
-            })
-            .await?;
+        let inline = body.len() <= INLINE_SEAL_BYTES;
+        let prepare = move |inner: &Inner| {
+            let record = MessageRecord::new(env, arrival, body.len() as u64);
+            let plain = record.encode().map_err(|e| QueueError::Decode {
+                id,
+                detail: e.to_string(),
+            })?;
+            let meta = inner.core.seal(id, Kind::Meta, &plain)?;
+            let sealed = inner.core.seal(id, Kind::Body, &body)?;
+            let (reply, rx) = oneshot::channel();
+            let job = Insert {
+                id,
+                meta,
+                body: sealed,
+                due_ms: to_ms(arrival),
+                reply,
+            };
+            Ok((job, rx, body))
+        };
+        // A small body is sealed right here (tens of microseconds): the trip to a blocking
+        // thread and back costs more than that under load. A large one would hold up the other
+        // tasks of this worker thread.
+        let (job, rx, plain_body) = if inline {
+            prepare(&self.inner)?
+        } else {
+            self.blocking(prepare).await?
+        };
         // Kept before the commit (dropped at once if it does not fit), so that a delivery that
         // leases the message the moment it is durable finds it, and an outcome recorded then
         // cannot be followed by a late insert. Nothing can lease it before the commit.
