@@ -4,8 +4,11 @@ use std::io;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-/// How many bytes one read from the stream asks for at most.
+/// How many bytes one read from the stream asks for at most (commands; the idle buffer size).
 const CHUNK: usize = 8 * 1024;
+/// How many bytes one read asks for at most while message data is read (fewer reads per
+/// message; the buffer shrinks back to [`CHUNK`] afterwards).
+pub(crate) const DATA_CHUNK: usize = 64 * 1024;
 
 /// Why a line could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +40,8 @@ pub struct LineReader<S> {
     /// Buffered bytes; the unread ones are `buf[pos..]`.
     buf: Vec<u8>,
     pos: usize,
+    /// Bytes asked for per read.
+    read_chunk: usize,
 }
 
 /// Where the first line ending candidate in a buffer is, and what it is.
@@ -76,6 +81,7 @@ impl<S: AsyncRead + Unpin> LineReader<S> {
             stream,
             buf: Vec::with_capacity(CHUNK),
             pos: 0,
+            read_chunk: CHUNK,
         }
     }
 
@@ -85,6 +91,7 @@ impl<S: AsyncRead + Unpin> LineReader<S> {
             stream,
             buf: buffered,
             pos: 0,
+            read_chunk: CHUNK,
         }
     }
 
@@ -186,16 +193,74 @@ impl<S: AsyncRead + Unpin> LineReader<S> {
             self.buf.drain(..self.pos);
             self.pos = 0;
         }
-        self.buf.reserve(CHUNK);
+        self.buf.reserve(self.read_chunk);
         // `read_buf` only appends what was read, so cancelling this future loses nothing.
         let n = (&mut self.stream)
-            .take(CHUNK as u64)
+            .take(self.read_chunk as u64)
             .read_buf(&mut self.buf)
             .await?;
         if n == 0 {
             return Err(LineError::Eof);
         }
         Ok(())
+    }
+
+    /// Switches to large reads for message data (`true`) or back to command-sized reads,
+    /// giving the large buffer back.
+    pub(crate) fn set_data_mode(&mut self, data: bool) {
+        if data {
+            self.read_chunk = DATA_CHUNK;
+            return;
+        }
+        self.read_chunk = CHUNK;
+        if self.buf.capacity() > 2 * CHUNK && self.buffered() <= CHUNK {
+            self.buf.drain(..self.pos.min(self.buf.len()));
+            self.pos = 0;
+            self.buf.shrink_to(CHUNK);
+        }
+    }
+
+    /// Moves the complete, ordinary lines at the read position to `out` in one copy and
+    /// returns how many bytes that was; stops before the first line that needs a closer look.
+    ///
+    /// A line is taken only if it ends in CRLF, holds no other CR or LF and no NUL, does not
+    /// start with `.` (a dot-stuffed line or the end of the data), is at most `max_len` bytes
+    /// with its CRLF, and keeps the total taken within `room`. Every other line is left for
+    /// [`fill_line`](Self::fill_line), so the result is what reading the taken lines one by
+    /// one would have given. Must be called at the start of a line.
+    pub(crate) fn take_plain_lines(
+        &mut self,
+        max_len: usize,
+        room: u64,
+        out: &mut Vec<u8>,
+    ) -> usize {
+        let unread = self.buf.get(self.pos..).unwrap_or_default();
+        let max_content = max_len.saturating_sub(2);
+        let room = usize::try_from(room).unwrap_or(usize::MAX);
+        let mut start = 0;
+        let mut hits = memchr::memchr2_iter(b'\r', b'\n', unread);
+        while let Some(cr) = hits.next() {
+            // An LF first is a bare LF; a CR not followed by LF is a bare CR or not yet known.
+            if unread.get(cr) != Some(&b'\r') || unread.get(cr + 1) != Some(&b'\n') {
+                break;
+            }
+            let end = cr + 2;
+            if cr - start > max_content || unread.get(start) == Some(&b'.') || end > room {
+                break;
+            }
+            // the LF at cr + 1 is the next hit
+            hits.next();
+            start = end;
+        }
+        let mut taken = start;
+        if let Some(nul) = memchr::memchr(0, unread.get(..taken).unwrap_or_default()) {
+            // stop before the line holding the NUL
+            taken = memchr::memrchr(b'\n', unread.get(..nul).unwrap_or_default())
+                .map_or(0, |lf| lf + 1);
+        }
+        out.extend_from_slice(unread.get(..taken).unwrap_or_default());
+        self.pos += taken;
+        taken
     }
 
     /// How many received bytes are buffered and not yet returned.
@@ -286,6 +351,58 @@ mod tests {
     use super::testutil::Trickle;
     use super::*;
     use tokio::io::AsyncWriteExt;
+
+    /// Message data is read in large chunks, and the buffer goes back to command size after
+    /// the message, so an idle session does not keep 64 KiB.
+    #[tokio::test]
+    async fn data_reads_are_large_and_the_buffer_shrinks_after() {
+        let mut wire = Vec::new();
+        for _ in 0..4000 {
+            wire.extend_from_slice(b"0123456789012345678901234567890123456789\r\n");
+        }
+        wire.extend_from_slice(b".\r\nQUIT\r\n");
+        let (client, mut server) = tokio::io::duplex(256 * 1024);
+        server.write_all(&wire).await.unwrap();
+        drop(server);
+        let mut r = LineReader::new(client);
+        let message = crate::data::read_data(&mut r, crate::DataLimits::default())
+            .await
+            .unwrap();
+        assert_eq!(message.len(), 4000 * 42);
+        assert!(
+            r.buf.capacity() <= 2 * CHUNK,
+            "{} bytes kept",
+            r.buf.capacity()
+        );
+        assert_eq!(r.read_chunk, CHUNK);
+        assert_eq!(r.read_line(512).await.unwrap(), b"QUIT");
+    }
+
+    #[tokio::test]
+    async fn take_plain_lines_stops_where_a_line_needs_checking() {
+        for (input, taken) in [
+            (&b"ab\r\ncd\r\n..x\r\n"[..], 8),
+            (b"ab\r\n.\r\n", 4),
+            (b"ab\r\nc\0d\r\nef\r\n", 4),
+            (b"ab\r\nc\rd\r\n", 4),
+            (b"ab\r\ncd\nef\r\n", 4),
+            (b"ab\r\n0123456789\r\n", 4),
+            (b"ab\r\ncd", 4),
+            (b"ab\r\ncd\r", 4),
+            (b"\r\n\r\nab\r\n", 8),
+        ] {
+            let mut r = LineReader::with_buffered(&b""[..], input.to_vec());
+            let mut out = Vec::new();
+            let n = r.take_plain_lines(10, u64::MAX, &mut out);
+            assert_eq!((n, out.len()), (taken, taken), "{input:?}");
+            assert_eq!(&out[..], &input[..taken]);
+            assert_eq!(r.buffered(), input.len() - taken);
+        }
+        // the size budget: a line that would pass it is left for the checks
+        let mut r = LineReader::with_buffered(&b""[..], b"ab\r\ncd\r\n".to_vec());
+        let mut out = Vec::new();
+        assert_eq!(r.take_plain_lines(1000, 7, &mut out), 4);
+    }
 
     #[tokio::test]
     async fn reads_lines_without_crlf() {
