@@ -38,6 +38,7 @@ struct State {
     total: AtomicU64,
     session_errors: AtomicU64,
     handshakes: AtomicU64,
+    reply_writes: AtomicU64,
 }
 
 /// A running sink; its tasks live as long as the runtime.
@@ -105,6 +106,7 @@ impl Sink {
             total: AtomicU64::new(0),
             session_errors: AtomicU64::new(0),
             handshakes: AtomicU64::new(0),
+            reply_writes: AtomicU64::new(0),
         });
         let s = state.clone();
         tokio::spawn(async move {
@@ -133,6 +135,11 @@ impl Sink {
     /// Sessions that ended with an error (not counting clean QUITs or closes).
     pub fn session_errors(&self) -> u64 {
         self.state.session_errors.load(Ordering::Relaxed)
+    }
+
+    /// Writes of replies so far (pipelined replies share one).
+    pub fn reply_writes(&self) -> u64 {
+        self.state.reply_writes.load(Ordering::Relaxed)
     }
 
     /// Completed TLS handshakes so far.
@@ -177,11 +184,33 @@ fn build_report(tag: &str, t: &mut TagStats) -> SinkReport {
     }
 }
 
-async fn reply(r: &mut LineReader<Stream>, text: &[u8]) -> Result<(), BenchError> {
+/// Queues a reply and sends everything queued once no more input is waiting, as Postfix's
+/// smtpd does: a pipelined MAIL, RCPT and DATA get their three replies in one write.
+async fn reply(
+    state: &State,
+    r: &mut LineReader<Stream>,
+    out: &mut Vec<u8>,
+    text: &[u8],
+) -> Result<(), BenchError> {
+    out.extend_from_slice(text);
+    if r.buffered() > 0 {
+        return Ok(());
+    }
+    flush(state, r, out).await
+}
+
+/// Sends every queued reply now.
+async fn flush(
+    state: &State,
+    r: &mut LineReader<Stream>,
+    out: &mut Vec<u8>,
+) -> Result<(), BenchError> {
+    state.reply_writes.fetch_add(1, Ordering::Relaxed);
     let w = r.get_mut();
-    w.write_all(text)
+    w.write_all(out)
         .await
         .map_err(|e| BenchError::net("sink reply", e))?;
+    out.clear();
     w.flush()
         .await
         .map_err(|e| BenchError::net("sink reply", e))
@@ -191,8 +220,11 @@ async fn serve(state: Arc<State>, stream: Stream) -> Result<(), BenchError> {
     let mut r = LineReader::new(stream);
     let mut tls: Option<String> = None;
     let mut recipients = 0u64;
+    let mut out = Vec::new();
     reply(
+        &state,
         &mut r,
+        &mut out,
         format!("220 {} ESMTP sealpost-bench sink\r\n", state.hostname).as_bytes(),
     )
     .await?;
@@ -224,10 +256,11 @@ async fn serve(state: Arc<State>, stream: Stream) -> Result<(), BenchError> {
                     "250-{}\r\n250-PIPELINING\r\n250-SIZE 104857600\r\n250-8BITMIME\r\n{starttls}250 ENHANCEDSTATUSCODES\r\n",
                     state.hostname
                 );
-                reply(&mut r, text.as_bytes()).await?;
+                reply(&state, &mut r, &mut out, text.as_bytes()).await?;
             }
             b"STARTTLS" if tls.is_none() => {
-                reply(&mut r, b"220 2.0.0 Ready to start TLS\r\n").await?;
+                out.extend_from_slice(b"220 2.0.0 Ready to start TLS\r\n");
+                flush(&state, &mut r, &mut out).await?;
                 let (stream, _ahead) = r.into_inner();
                 let Stream::Plain(tcp) = stream else {
                     return Ok(());
@@ -251,14 +284,20 @@ async fn serve(state: Arc<State>, stream: Stream) -> Result<(), BenchError> {
             }
             b"MAIL" => {
                 recipients = 0;
-                reply(&mut r, b"250 2.1.0 Ok\r\n").await?;
+                reply(&state, &mut r, &mut out, b"250 2.1.0 Ok\r\n").await?;
             }
             b"RCPT" => {
                 recipients += 1;
-                reply(&mut r, b"250 2.1.5 Ok\r\n").await?;
+                reply(&state, &mut r, &mut out, b"250 2.1.5 Ok\r\n").await?;
             }
             b"DATA" => {
-                reply(&mut r, b"354 End data with <CR><LF>.<CR><LF>\r\n").await?;
+                reply(
+                    &state,
+                    &mut r,
+                    &mut out,
+                    b"354 End data with <CR><LF>.<CR><LF>\r\n",
+                )
+                .await?;
                 let limits = DataLimits {
                     max_size: 200 * 1024 * 1024,
                     max_line: 1000,
@@ -289,17 +328,28 @@ async fn serve(state: Arc<State>, stream: Stream) -> Result<(), BenchError> {
                 }
                 let n = state.total.fetch_add(1, Ordering::Relaxed) + 1;
                 reply(
+                    &state,
                     &mut r,
+                    &mut out,
                     format!("250 2.0.0 Ok: queued as sink-{n}\r\n").as_bytes(),
                 )
                 .await?;
             }
-            b"RSET" | b"NOOP" => reply(&mut r, b"250 2.0.0 Ok\r\n").await?,
+            b"RSET" | b"NOOP" => reply(&state, &mut r, &mut out, b"250 2.0.0 Ok\r\n").await?,
             b"QUIT" => {
-                reply(&mut r, b"221 2.0.0 Bye\r\n").await?;
+                out.extend_from_slice(b"221 2.0.0 Bye\r\n");
+                flush(&state, &mut r, &mut out).await?;
                 return Ok(());
             }
-            _ => reply(&mut r, b"502 5.5.1 Command not implemented\r\n").await?,
+            _ => {
+                reply(
+                    &state,
+                    &mut r,
+                    &mut out,
+                    b"502 5.5.1 Command not implemented\r\n",
+                )
+                .await?
+            }
         }
     }
 }
@@ -379,5 +429,58 @@ mod tests {
         assert!(rep.end_to_end.p50_ms >= 5.0, "{rep:?}");
         assert_eq!(sink.count("tag-b"), 0);
         assert_eq!(sink.total(), 2);
+    }
+
+    /// Pipelined commands get their replies in one write, as from Postfix's smtpd; a command
+    /// sent alone is answered at once.
+    #[tokio::test]
+    async fn pipelined_replies_go_out_together() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        let ca = BenchCa::create(dir.path()).unwrap();
+        let leaf = ca.issue("sink", &["mx.bench.test"]).unwrap();
+        let sink = Sink::start(
+            "127.0.0.1:0".parse().unwrap(),
+            "mx.bench.test",
+            &leaf.chain_pem,
+            &leaf.key_pem,
+        )
+        .await
+        .unwrap();
+        let mut tcp = tokio::net::TcpStream::connect(sink.addr).await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        async fn read_until(tcp: &mut tokio::net::TcpStream, buf: &mut [u8], end: &str) -> String {
+            let mut got = String::new();
+            while !got.ends_with(end) {
+                let n = tcp.read(buf).await.unwrap();
+                assert!(n > 0, "closed after {got:?}");
+                got.push_str(std::str::from_utf8(&buf[..n]).unwrap());
+            }
+            got
+        }
+        read_until(&mut tcp, &mut buf, "ESMTP sealpost-bench sink\r\n").await;
+        tcp.write_all(b"EHLO t\r\n").await.unwrap();
+        read_until(&mut tcp, &mut buf, "250 ENHANCEDSTATUSCODES\r\n").await;
+        let before = sink.reply_writes();
+        tcp.write_all(b"MAIL FROM:<a@x.test>\r\nRCPT TO:<b@bench.test>\r\nDATA\r\n")
+            .await
+            .unwrap();
+        let n = tcp.read(&mut buf).await.unwrap();
+        assert_eq!(
+            std::str::from_utf8(&buf[..n]).unwrap(),
+            "250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n",
+            "the three replies did not come in order"
+        );
+        assert_eq!(sink.reply_writes() - before, 1, "three replies, one write");
+        tcp.write_all(b"Subject: x\r\n\r\nhi\r\n.\r\n")
+            .await
+            .unwrap();
+        read_until(&mut tcp, &mut buf, "\r\n").await;
+        tcp.write_all(b"NOOP\r\n").await.unwrap();
+        assert_eq!(
+            read_until(&mut tcp, &mut buf, "\r\n").await,
+            "250 2.0.0 Ok\r\n"
+        );
+        assert_eq!(sink.total(), 1);
     }
 }
