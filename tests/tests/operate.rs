@@ -304,9 +304,16 @@ async fn sigterm_under_load_exits_zero_and_loses_nothing_acknowledged() {
 #[test]
 fn human_logs_off_a_terminal_are_plain_text() {
     let relay = Relay::start(RelayConfig::default());
-    let logs = relay.logs();
+    // the accept loop logs its address just after the port answers
+    let wanted = format!("address={}", relay.starttls);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut logs = relay.logs();
+    while !logs.contains(&wanted) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        logs = relay.logs();
+    }
     assert!(
-        logs.contains(&format!("address={}", relay.starttls)),
+        logs.contains(&wanted),
         "the listener's address is not greppable as key=value: {logs}"
     );
     assert!(

@@ -231,7 +231,13 @@ async fn serve(state: Arc<State>, stream: Stream) -> Result<(), BenchError> {
     loop {
         let line = match r.read_line(4096).await {
             Ok(l) => l,
-            Err(sealpost_smtp::LineError::Eof) => return Ok(()),
+            Err(sealpost_smtp::LineError::Eof) => {
+                // answer what came before the end, as far as the client still listens
+                if !out.is_empty() {
+                    let _ = flush(&state, &mut r, &mut out).await;
+                }
+                return Ok(());
+            }
             Err(e) => {
                 return Err(BenchError::Unexpected {
                     command: "line",

@@ -17,8 +17,9 @@ pub enum LogFormat {
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Colour only on a terminal: journald, files and pipes get plain `key=value` text that grep
-    // and log shippers can match. `NO_COLOR` (no-color.org) turns it off on a terminal too.
-    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    // and log shippers can match. A non-empty `NO_COLOR` (no-color.org) turns it off on a terminal too.
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    let colour = std::io::stderr().is_terminal() && !no_color;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(colour)

@@ -104,6 +104,10 @@ impl<S: AsyncRead + Unpin> LineReader<S> {
     /// Cancel-safe (no byte is lost if the future is dropped), except while discarding a
     /// too-long line: a cancelled discard leaves the rest of that line to be read as a line.
     pub async fn read_line(&mut self, max_len: usize) -> Result<Vec<u8>, LineError> {
+        if self.read_chunk != CHUNK {
+            // a `read_data` that was cancelled left the large reads on
+            self.set_data_mode(false);
+        }
         let len = self.fill_line(max_len).await?;
         let line = self.line_bytes(len).to_vec();
         self.consume_line(len);
@@ -193,10 +197,15 @@ impl<S: AsyncRead + Unpin> LineReader<S> {
             self.buf.drain(..self.pos);
             self.pos = 0;
         }
-        self.buf.reserve(self.read_chunk);
+        // Grow by exactly one read when less than half a read is free, so a kept partial line
+        // does not make the buffer double (64 KiB + a line, not 128 KiB, during DATA).
+        if self.buf.capacity() - self.buf.len() < self.read_chunk / 2 {
+            self.buf.reserve_exact(self.read_chunk);
+        }
+        let free = self.buf.capacity() - self.buf.len();
         // `read_buf` only appends what was read, so cancelling this future loses nothing.
         let n = (&mut self.stream)
-            .take(self.read_chunk as u64)
+            .take(free.min(self.read_chunk) as u64)
             .read_buf(&mut self.buf)
             .await?;
         if n == 0 {
@@ -213,10 +222,11 @@ impl<S: AsyncRead + Unpin> LineReader<S> {
             return;
         }
         self.read_chunk = CHUNK;
-        if self.buf.capacity() > 2 * CHUNK && self.buffered() <= CHUNK {
+        if self.buf.capacity() > 2 * CHUNK {
+            // Keep what the client already sent (pipelined commands), but no more room than that.
             self.buf.drain(..self.pos.min(self.buf.len()));
             self.pos = 0;
-            self.buf.shrink_to(CHUNK);
+            self.buf.shrink_to(CHUNK.max(self.buf.len()));
         }
     }
 
@@ -376,6 +386,58 @@ mod tests {
         );
         assert_eq!(r.read_chunk, CHUNK);
         assert_eq!(r.read_line(512).await.unwrap(), b"QUIT");
+
+        // commands pipelined behind a big message stay buffered, with no spare room kept
+        let mut wire = Vec::new();
+        for _ in 0..300 {
+            wire.extend_from_slice(&[b'x'; 998]);
+            wire.extend_from_slice(b"\r\n");
+        }
+        wire.extend_from_slice(b".\r\n");
+        for _ in 0..3000 {
+            wire.extend_from_slice(b"NOOP\r\n");
+        }
+        let (client, mut server) = tokio::io::duplex(1024 * 1024);
+        server.write_all(&wire).await.unwrap();
+        drop(server);
+        let mut r = LineReader::new(client);
+        crate::data::read_data(&mut r, crate::DataLimits::default())
+            .await
+            .unwrap();
+        assert!(
+            r.buf.capacity() <= (2 * CHUNK).max(r.buf.len()),
+            "{} bytes kept for {} buffered",
+            r.buf.capacity(),
+            r.buffered()
+        );
+        for _ in 0..3000 {
+            assert_eq!(r.read_line(512).await.unwrap(), b"NOOP");
+        }
+    }
+
+    /// A `read_data` dropped half-way (a timeout around it) does not leave the large reads on:
+    /// the next command read turns them off and gives the buffer back.
+    #[tokio::test]
+    async fn cancelled_data_read_goes_back_to_command_reads() {
+        let (client, mut server) = tokio::io::duplex(256 * 1024);
+        let mut half = Vec::new();
+        for _ in 0..2000 {
+            half.extend_from_slice(b"0123456789012345678901234567890123456789\r\n");
+        }
+        server.write_all(&half).await.unwrap();
+        let mut r = LineReader::new(client);
+        let read = crate::data::read_data(&mut r, crate::DataLimits::default());
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(50), read)
+                .await
+                .is_err(),
+            "the message is not complete, the read must still be waiting"
+        );
+        assert_eq!(r.read_chunk, DATA_CHUNK);
+        server.write_all(b"NOOP\r\n").await.unwrap();
+        assert_eq!(r.read_line(512).await.unwrap(), b"NOOP");
+        assert_eq!(r.read_chunk, CHUNK);
+        assert!(r.buf.capacity() <= 2 * CHUNK, "{}", r.buf.capacity());
     }
 
     #[tokio::test]

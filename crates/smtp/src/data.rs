@@ -672,7 +672,10 @@ mod tests {
             _: &mut Context<'_>,
             buf: &mut tokio::io::ReadBuf<'_>,
         ) -> Poll<io::Result<()>> {
-            let want = 1 + self.rng.below(3000);
+            let want = match self.rng.below(4) {
+                0 => 1 + self.rng.below(70_000),
+                _ => 1 + self.rng.below(3000),
+            };
             let end = (self.pos + want.min(buf.remaining())).min(self.data.len());
             let chunk = self.data[self.pos..end].to_vec();
             buf.put_slice(&chunk);
@@ -702,6 +705,7 @@ mod tests {
             1 => out.push(b'\n'),
             2 => out.push(b'\r'),
             3 => out.extend_from_slice(b"\r\r\n"),
+            4 => out.push(0),
             _ => {}
         }
         out.extend_from_slice(if rng.below(300) == 0 {
@@ -720,15 +724,23 @@ mod tests {
         let mut seen = [0usize; 6];
         for case in 0..3000 {
             let mut wire = Vec::new();
+            // where each line ends, in message bytes: a size limit right at (or one or two
+            // bytes around) one of them is where an off-by-one would show
+            let mut ends = vec![0u64];
             for _ in 0..rng.below(300) {
                 random_line(&mut rng, &mut wire);
+                ends.push(wire.len() as u64);
             }
             if rng.below(8) != 0 {
                 wire.extend_from_slice(b".\r\n");
             }
             wire.extend_from_slice(b"QUIT\r\n");
+            let max_size = match rng.below(3) {
+                0 => rng.below(12_000) as u64,
+                _ => (ends[rng.below(ends.len() as u64)] + rng.below(5) as u64).saturating_sub(2),
+            };
             let limits = DataLimits {
-                max_size: rng.below(12_000) as u64,
+                max_size,
                 max_line: 30 + rng.below(60),
             };
             let seed = rng.next();
@@ -767,6 +779,97 @@ mod tests {
         }
         // every outcome came up often enough to mean something
         assert!(seen.iter().all(|&n| n >= 20), "{seen:?}");
+    }
+
+    /// Every sequence of up to four tokens from {a, ., CR, LF, NUL, CRLF, "ab" CRLF}, with and
+    /// without an end of data after it, under tiny line and size limits and with reads of 1, 3
+    /// or any number of bytes: the bulk path and the reference agree on all of them.
+    #[tokio::test]
+    async fn bulk_reading_matches_line_by_line_on_every_short_input() {
+        let tokens: [&[u8]; 7] = [b"a", b".", b"\r", b"\n", b"\0", b"\r\n", b"ab\r\n"];
+        let mut inputs: Vec<Vec<u8>> = vec![Vec::new()];
+        let mut last: Vec<Vec<u8>> = vec![Vec::new()];
+        for _ in 0..4 {
+            let mut next = Vec::new();
+            for prefix in &last {
+                for t in tokens {
+                    let mut v = prefix.clone();
+                    v.extend_from_slice(t);
+                    next.push(v);
+                }
+            }
+            inputs.extend(next.iter().cloned());
+            last = next;
+        }
+        let mut runs = 0;
+        for body in &inputs {
+            for tail in [&b""[..], b".\r\nQ\r\n"] {
+                let mut wire = body.clone();
+                wire.extend_from_slice(tail);
+                for max_line in [2, 3, 4, 1000] {
+                    for max_size in [0, 2, 3, 4, 6, 1000] {
+                        for read in [1usize, 3, usize::MAX] {
+                            let limits = DataLimits { max_size, max_line };
+                            let (got, got_rest) = read_sized(&wire, read, limits, true).await;
+                            let (want, want_rest) = read_sized(&wire, read, limits, false).await;
+                            let same = match (&got, &want) {
+                                (Ok(a), Ok(b)) => a == b,
+                                (Err(a), Err(b)) => {
+                                    std::mem::discriminant(a) == std::mem::discriminant(b)
+                                }
+                                _ => false,
+                            };
+                            assert!(
+                                same && got_rest == want_rest,
+                                "{wire:?} line {max_line} size {max_size} reads {read}: bulk {got:?} {got_rest:?}, line by line {want:?} {want_rest:?}"
+                            );
+                            runs += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert!(runs > 200_000, "{runs}");
+    }
+
+    /// Reads `wire` in reads of at most `read` bytes with the bulk path or the reference;
+    /// returns the outcome and the bytes left unread.
+    async fn read_sized(
+        wire: &[u8],
+        read: usize,
+        limits: DataLimits,
+        bulk: bool,
+    ) -> (Result<Vec<u8>, DataError>, Vec<u8>) {
+        let stream = Sized { data: wire, read };
+        let mut r = LineReader::new(stream);
+        let result = if bulk {
+            read_data(&mut r, limits).await
+        } else {
+            read_data_reference(&mut r, limits).await
+        };
+        let (stream, mut left) = r.into_inner();
+        left.extend_from_slice(stream.data);
+        (result, left)
+    }
+
+    /// Hands out its bytes at most `read` at a time.
+    struct Sized<'a> {
+        data: &'a [u8],
+        read: usize,
+    }
+
+    impl AsyncRead for Sized<'_> {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let n = self.read.min(buf.remaining()).min(self.data.len());
+            let (chunk, rest) = self.data.split_at(n);
+            buf.put_slice(chunk);
+            self.data = rest;
+            Poll::Ready(Ok(()))
+        }
     }
 
     /// A writer that records the bytes and counts write calls.
