@@ -1,6 +1,7 @@
 //! The queue manager: leases due messages, delivers each recipient domain under its policy,
 //! reports outcomes to the queue and the audit log, and applies the fallback chain.
 
+mod handoff;
 mod notices;
 mod relay;
 
@@ -134,6 +135,20 @@ impl Engine {
     }
 
     /// The configuration in force now (deliveries already running keep the one they started with).
+    /// Delivers `lease` in a task of its own, holding its message slot until it is done.
+    fn start(
+        &self,
+        tasks: &mut JoinSet<()>,
+        lease: Lease,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) {
+        let inner = self.inner();
+        tasks.spawn(async move {
+            inner.deliver_message(lease).await;
+            drop(permit);
+        });
+    }
+
     fn inner(&self) -> Arc<Inner> {
         self.current
             .read()
@@ -186,6 +201,16 @@ impl Engine {
         let first = self.inner();
         let notify = first.queue.notify();
         let slots = Arc::new(Semaphore::new(first.max_messages));
+        // Just-committed messages come straight from the queue while a slot is free.
+        let (handed_tx, mut handed) = tokio::sync::mpsc::unbounded_channel::<handoff::Handed>();
+        first
+            .queue
+            .set_handoff(Some(Arc::new(handoff::EngineHandoff {
+                slots: slots.clone(),
+                keep: (first.max_messages / 4).max(1),
+                tx: handed_tx,
+            })));
+        let queue = first.queue.clone();
         drop(first);
         let mut tasks: JoinSet<()> = JoinSet::new();
         tracing::info!("delivery engine started");
@@ -194,6 +219,9 @@ impl Engine {
                 break;
             }
             while tasks.try_join_next().is_some() {}
+            while let Ok((lease, permit)) = handed.try_recv() {
+                self.start(&mut tasks, lease, permit);
+            }
             let inner = self.inner();
             let free = slots.available_permits();
             let mut leased = 0;
@@ -205,11 +233,7 @@ impl Engine {
                                 break;
                             };
                             leased += 1;
-                            let inner = inner.clone();
-                            tasks.spawn(async move {
-                                inner.deliver_message(lease).await;
-                                drop(permit);
-                            });
+                            self.start(&mut tasks, lease, permit);
                         }
                     }
                     Err(e) => tracing::error!(error = %e, "cannot lease due messages"),
@@ -242,7 +266,13 @@ impl Engine {
                 _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.changed() => {}
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                Some((lease, permit)) = handed.recv() => self.start(&mut tasks, lease, permit),
             }
+        }
+        // No new hand-offs; those already handed over are in flight and are finished too.
+        queue.set_handoff(None);
+        while let Ok((lease, permit)) = handed.try_recv() {
+            self.start(&mut tasks, lease, permit);
         }
         tracing::info!(
             in_flight = tasks.len(),

@@ -29,6 +29,20 @@ pub(crate) struct Inner {
     pub(crate) committer: Committer,
     /// Bodies just enqueued, for their first delivery.
     pub(crate) hot: HotBodies,
+    /// Delivery's hand-off for just-committed messages, if it takes them.
+    pub(crate) handoff: std::sync::RwLock<Option<Arc<dyn crate::Handoff>>>,
+}
+
+impl Inner {
+    /// A place in delivery for one just-enqueued message, if delivery takes them and has room.
+    pub(crate) fn reserve_handoff(&self) -> Option<Box<dyn crate::HandoffSlot>> {
+        let handoff = self
+            .handoff
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()?;
+        handoff.reserve()
+    }
 }
 
 /// What a write transaction needs to read and change sealed records: keys, options, reports.

@@ -11,6 +11,7 @@ mod commit;
 mod crypto;
 mod engine;
 mod error;
+mod handoff;
 mod hot;
 mod id;
 mod keys;
@@ -30,6 +31,7 @@ use tokio::sync::{oneshot, Notify};
 
 pub use admin::{MessageDetail, MessageSummary, RecipientDetail, StateCounts, Stats};
 pub use error::QueueError;
+pub use handoff::{Handoff, HandoffSlot};
 pub use id::{ParseQueueIdError, QueueId};
 pub use keys::{KeyError, Keyring};
 pub use record::{Envelope, RecipientSpec, RecipientState};
@@ -183,6 +185,7 @@ impl Queue {
             notify: Arc::new(Notify::new()),
             committer,
             hot: HotBodies::new(tuning.hot_bytes),
+            handoff: Default::default(),
         };
         let recovered = inner.recover_leases()?;
         if recovered > 0 {
@@ -214,8 +217,13 @@ impl Queue {
         let id = QueueId::generate();
         let arrival = SystemTime::now();
         let inline = body.len() <= INLINE_SEAL_BYTES;
+        // Delivery takes the message at once if it has room: it is stored already leased, and
+        // the lease goes to delivery once the commit is durable (no `lease_due` round trip).
+        let slot = self.inner.reserve_handoff();
+        let lease_until = slot.as_ref().map(|_| arrival + self.inner.core.opts.lease);
         let prepare = move |inner: &Inner| {
-            let record = MessageRecord::new(env, arrival, body.len() as u64);
+            let mut record = MessageRecord::new(env, arrival, body.len() as u64);
+            let lease = lease_until.map(|until| record.lease_all(id, until));
             let plain = record.encode().map_err(|e| QueueError::Decode {
                 id,
                 detail: e.to_string(),
@@ -227,15 +235,15 @@ impl Queue {
                 id,
                 meta,
                 body: sealed,
-                due_ms: to_ms(arrival),
+                due_ms: to_ms(lease_until.unwrap_or(arrival)),
                 reply,
             };
-            Ok((job, rx, body))
+            Ok((job, rx, body, lease))
         };
         // A small body is sealed right here (tens of microseconds): the trip to a blocking
         // thread and back costs more than that under load. A large one would hold up the other
         // tasks of this worker thread.
-        let (job, rx, plain_body) = if inline {
+        let (job, rx, plain_body, lease) = if inline {
             prepare(&self.inner)?
         } else {
             self.blocking(prepare).await?
@@ -249,11 +257,26 @@ impl Queue {
             rx.await.map_err(|_| QueueError::Closed)?
         };
         if let Err(e) = committed.await {
+            // a reserved place, if any, is given back by dropping it
             self.inner.hot.remove(id);
             return Err(e);
         }
-        self.inner.notify.notify_one();
+        match (slot, lease) {
+            (Some(slot), Some(lease)) => slot.deliver(lease),
+            _ => self.inner.notify.notify_one(),
+        }
         Ok(id)
+    }
+
+    /// Lets delivery take just-committed messages directly (`None` stops it; messages then wait
+    /// for [`lease_due`](Self::lease_due)).
+    pub fn set_handoff(&self, handoff: Option<Arc<dyn Handoff>>) {
+        let mut current = self
+            .inner
+            .handoff
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *current = handoff;
     }
 
     /// Runs a read-modify-write on the committer, sharing a transaction (and its fsync) with

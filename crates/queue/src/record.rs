@@ -136,6 +136,38 @@ impl MessageRecord {
         }
     }
 
+    /// Leases every (pending) recipient of a new record until `until`, as `lease_due` would,
+    /// and returns the lease.
+    pub(crate) fn lease_all(&mut self, id: crate::QueueId, until: SystemTime) -> crate::Lease {
+        let mut recipients = Vec::with_capacity(self.recipients.len());
+        for (index, (rcpt, spec)) in self
+            .recipients
+            .iter_mut()
+            .zip(self.envelope.recipients.iter())
+            .enumerate()
+        {
+            let previous = rcpt.state.clone();
+            rcpt.state = RecipientState::InFlight { lease_until: until };
+            rcpt.resume = Some(previous.clone());
+            recipients.push(crate::LeasedRecipient {
+                index,
+                address: spec.address.clone(),
+                notify: spec.notify.clone(),
+                orcpt: spec.orcpt.clone(),
+                attempts: rcpt.attempts,
+                last_error: rcpt.last_error.clone(),
+                delay_notified: rcpt.delay_notified,
+                previous,
+            });
+        }
+        crate::Lease {
+            id,
+            envelope: self.envelope.clone(),
+            arrival: self.arrival,
+            recipients,
+        }
+    }
+
     /// Whether every recipient is final.
     pub(crate) fn all_final(&self) -> bool {
         self.recipients.iter().all(|r| r.state.is_final())

@@ -1,27 +1,8 @@
 //! Commits that fail part-way, with faults injected under redb (see `backend.rs`): an enqueue
 //! is answered Ok only if its write is on disk, and a refused one leaves nothing behind.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
+use super::faults_support::{arm, faults, fired};
 use super::*;
-use crate::backend::Faults;
-
-fn faults(q: &Queue) -> &Faults {
-    &q.inner.store.health().faults
-}
-
-fn arm(counter: &AtomicU64, times: u64) {
-    Faults::arm(counter, times);
-}
-
-/// The fault fired (so the test exercised the failure it names).
-fn fired(counter: &AtomicU64) {
-    assert_eq!(
-        counter.load(Ordering::SeqCst),
-        0,
-        "the injected fault never fired"
-    );
-}
 
 async fn ids(q: &Queue) -> Vec<QueueId> {
     let mut ids: Vec<_> = q.list().await.unwrap().iter().map(|m| m.id).collect();
