@@ -472,6 +472,8 @@ async fn metrics_move_as_messages_flow() {
         let delivered = sample(&m, "sealpost_recipients_total{outcome=\"delivered\"}");
         let verified = sample(&m, "sealpost_tls_verdicts_total{verdict=\"verified\"}");
         let delivery_latency = sample(&m, "sealpost_delivery_seconds_count");
+        // with free slots, each new message goes straight from the queue to delivery
+        let handed = sample(&m, "sealpost_deliveries_started_total{via=\"handoff\"}");
         // The queue gauge is refreshed every 5 s; once everything is delivered it reads 0.
         let queued = sample(&m, "sealpost_queue_messages");
         if accepted == Some(3.0)
@@ -481,13 +483,14 @@ async fn metrics_move_as_messages_flow() {
             && delivered == Some(6.0)
             && verified.is_some_and(|v| v >= 1.0)
             && delivery_latency == Some(6.0)
+            && handed == Some(3.0)
             && queued == Some(0.0)
         {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "metrics did not reach the expected values: accepted={accepted:?} rcpts={rcpts:?} open={open:?} latency_count={latency:?} delivered={delivered:?} verified={verified:?} delivery_latency={delivery_latency:?} queued={queued:?}\n{m}"
+            "metrics did not reach the expected values: accepted={accepted:?} rcpts={rcpts:?} open={open:?} latency_count={latency:?} delivered={delivered:?} verified={verified:?} delivery_latency={delivery_latency:?} handed={handed:?} queued={queued:?}\n{m}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

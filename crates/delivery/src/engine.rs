@@ -31,6 +31,26 @@ use notices::Failure;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest sleep of the scheduler when nothing is due.
 const MAX_SLEEP: Duration = Duration::from_secs(30);
+/// How long a stopping engine waits for hand-offs whose commits are still running.
+const HANDOFF_DRAIN: Duration = Duration::from_secs(30);
+
+/// How a delivery came to start (the `via` label of `sealpost_deliveries_started_total`).
+#[derive(Clone, Copy, Debug)]
+enum Via {
+    /// Handed over by the queue right after the commit.
+    Handoff,
+    /// Leased from the due index (retries, and new messages when delivery was busy).
+    Lease,
+}
+
+impl Via {
+    fn as_str(self) -> &'static str {
+        match self {
+            Via::Handoff => "handoff",
+            Via::Lease => "lease",
+        }
+    }
+}
 
 /// A policy resolved from the configuration: what TLS it requires and its fallback chain.
 #[derive(Debug, Clone)]
@@ -134,14 +154,15 @@ impl Engine {
         })
     }
 
-    /// The configuration in force now (deliveries already running keep the one they started with).
     /// Delivers `lease` in a task of its own, holding its message slot until it is done.
     fn start(
         &self,
         tasks: &mut JoinSet<()>,
         lease: Lease,
         permit: tokio::sync::OwnedSemaphorePermit,
+        via: Via,
     ) {
+        metrics::counter!("sealpost_deliveries_started_total", "via" => via.as_str()).increment(1);
         let inner = self.inner();
         tasks.spawn(async move {
             inner.deliver_message(lease).await;
@@ -149,6 +170,7 @@ impl Engine {
         });
     }
 
+    /// The configuration in force now (deliveries already running keep the one they started with).
     fn inner(&self) -> Arc<Inner> {
         self.current
             .read()
@@ -201,16 +223,17 @@ impl Engine {
         let first = self.inner();
         let notify = first.queue.notify();
         let slots = Arc::new(Semaphore::new(first.max_messages));
-        // Just-committed messages come straight from the queue while a slot is free.
+        // Just-committed messages come straight from the queue while a slot is free; the
+        // registration ends with this function, however it ends.
         let (handed_tx, mut handed) = tokio::sync::mpsc::unbounded_channel::<handoff::Handed>();
-        first
-            .queue
-            .set_handoff(Some(Arc::new(handoff::EngineHandoff {
+        let registration = handoff::Registration::new(
+            first.queue.clone(),
+            handoff::EngineHandoff {
                 slots: slots.clone(),
                 keep: (first.max_messages / 4).max(1),
                 tx: handed_tx,
-            })));
-        let queue = first.queue.clone();
+            },
+        );
         drop(first);
         let mut tasks: JoinSet<()> = JoinSet::new();
         tracing::info!("delivery engine started");
@@ -220,25 +243,34 @@ impl Engine {
             }
             while tasks.try_join_next().is_some() {}
             while let Ok((lease, permit)) = handed.try_recv() {
-                self.start(&mut tasks, lease, permit);
+                self.start(&mut tasks, lease, permit, Via::Handoff);
             }
             let inner = self.inner();
-            let free = slots.available_permits();
+            // The slots are taken before asking, so every lease returned has one: hand-offs
+            // that arrive meanwhile find no room and leave their messages due instead.
+            let mut permits = Vec::new();
+            while let Ok(permit) = slots.clone().try_acquire_owned() {
+                permits.push(permit);
+            }
+            let free = permits.len();
             let mut leased = 0;
             if free > 0 {
                 match inner.queue.lease_due(SystemTime::now(), free).await {
                     Ok(leases) => {
                         for lease in leases {
-                            let Ok(permit) = slots.clone().acquire_owned().await else {
-                                break;
+                            let Some(permit) = permits.pop() else {
+                                // cannot happen: at most `free` leases; due again when it ends
+                                tracing::error!(queue_id = %lease.id, "a lease without a slot");
+                                continue;
                             };
                             leased += 1;
-                            self.start(&mut tasks, lease, permit);
+                            self.start(&mut tasks, lease, permit, Via::Lease);
                         }
                     }
                     Err(e) => tracing::error!(error = %e, "cannot lease due messages"),
                 }
             }
+            drop(permits);
             if leased > 0 {
                 continue;
             }
@@ -261,18 +293,37 @@ impl Engine {
                     }
                 }
             };
-            tokio::select! {
-                _ = notify.notified() => {}
-                _ = tokio::time::sleep(wait) => {}
-                _ = shutdown.changed() => {}
-                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-                Some((lease, permit)) = handed.recv() => self.start(&mut tasks, lease, permit),
+            let until = tokio::time::Instant::now() + wait;
+            // Nothing is due now (or no slot was free). A handed-over message starts at once; a
+            // finished delivery matters only if messages wait for its slot (an outcome that
+            // makes a message due again signals `notify`). So the wait goes on through those.
+            let slot_limited = free == 0;
+            loop {
+                tokio::select! {
+                    _ = notify.notified() => break,
+                    _ = tokio::time::sleep_until(until) => break,
+                    _ = shutdown.changed() => break,
+                    Some(_) = tasks.join_next(), if !tasks.is_empty() => {
+                        if slot_limited {
+                            break;
+                        }
+                    }
+                    Some((lease, permit)) = handed.recv() => {
+                        self.start(&mut tasks, lease, permit, Via::Handoff);
+                    }
+                }
             }
         }
-        // No new hand-offs; those already handed over are in flight and are finished too.
-        queue.set_handoff(None);
-        while let Ok((lease, permit)) = handed.try_recv() {
-            self.start(&mut tasks, lease, permit);
+        // No new hand-offs. Those already reserved are handed over (or given back) once their
+        // commits return, which closes the channel; they are in flight and finished too.
+        drop(registration);
+        let drain = async {
+            while let Some((lease, permit)) = handed.recv().await {
+                self.start(&mut tasks, lease, permit, Via::Handoff);
+            }
+        };
+        if tokio::time::timeout(HANDOFF_DRAIN, drain).await.is_err() {
+            tracing::warn!("a hand-off did not arrive while stopping; its message is due again after its lease");
         }
         tracing::info!(
             in_flight = tasks.len(),

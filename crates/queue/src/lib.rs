@@ -31,7 +31,7 @@ use tokio::sync::{oneshot, Notify};
 
 pub use admin::{MessageDetail, MessageSummary, RecipientDetail, StateCounts, Stats};
 pub use error::QueueError;
-pub use handoff::{Handoff, HandoffSlot};
+pub use handoff::{Enqueued, Handoff, HandoffSlot};
 pub use id::{ParseQueueIdError, QueueId};
 pub use keys::{KeyError, Keyring};
 pub use record::{Envelope, RecipientSpec, RecipientState};
@@ -211,6 +211,16 @@ impl Queue {
 
     /// Stores a message; returns its id only once it is durable (committed and fsync'd).
     pub async fn enqueue(&self, env: Envelope, body: Vec<u8>) -> Result<QueueId, QueueError> {
+        let queued = self.enqueue_held(env, body).await?;
+        let id = queued.id();
+        queued.release();
+        Ok(id)
+    }
+
+    /// [`enqueue`](Self::enqueue), but delivery does not start before [`Enqueued::release`]
+    /// (or the drop of the returned value): the caller can first record the acceptance, or
+    /// [`Enqueued::withdraw`] the message if it cannot.
+    pub async fn enqueue_held(&self, env: Envelope, body: Vec<u8>) -> Result<Enqueued, QueueError> {
         if env.recipients.is_empty() {
             return Err(QueueError::NoRecipients);
         }
@@ -261,11 +271,11 @@ impl Queue {
             self.inner.hot.remove(id);
             return Err(e);
         }
-        match (slot, lease) {
-            (Some(slot), Some(lease)) => slot.deliver(lease),
-            _ => self.inner.notify.notify_one(),
-        }
-        Ok(id)
+        let handoff = match (slot, lease) {
+            (Some(slot), Some(lease)) => Some((slot, lease)),
+            _ => None,
+        };
+        Ok(Enqueued::new(id, handoff, self.inner.notify.clone()))
     }
 
     /// Lets delivery take just-committed messages directly (`None` stops it; messages then wait
@@ -342,8 +352,16 @@ impl Queue {
         let now = SystemTime::now();
         // whatever the outcome, the next attempt (if any) is far enough away to read the store
         self.inner.hot.remove(id);
+        let due_again = results
+            .iter()
+            .any(|(_, o)| !matches!(o, Outcome::Delivered { .. } | Outcome::Failed { .. }));
         self.committed(move |core, txn| core.complete(txn, id, results.clone(), now))
-            .await
+            .await?;
+        if due_again {
+            // the scheduler learns the new due time (a retry, a fallback step)
+            self.inner.notify.notify_one();
+        }
+        Ok(())
     }
 
     /// Records that a delay notice went out for these recipients, so none is sent twice.

@@ -755,8 +755,15 @@ impl Session {
             received_at: SystemTime::now(),
         };
         let queued_size = prepared.message.len();
-        let id = match self.shared.queue.enqueue(envelope, prepared.message).await {
-            Ok(id) => id,
+        // Delivery waits until the acceptance is on record: the audit trail shows `accepted`
+        // before any attempt, and a message withdrawn below is never sent.
+        let queued = match self
+            .shared
+            .queue
+            .enqueue_held(envelope, prepared.message)
+            .await
+        {
+            Ok(queued) => queued,
             Err(e) => {
                 tracing::error!(error = %e, "enqueue failed; message refused with a temporary error");
                 return match e {
@@ -767,6 +774,7 @@ impl Session {
                 };
             }
         };
+        let id = queued.id();
         let mut rec = Record::new(Event::Accepted)
             .queue_id(id.to_string())
             .client_ip(self.peer.ip())
@@ -781,12 +789,14 @@ impl Session {
         }
         if let Err(e) = self.shared.audit.record(rec).await {
             // Nothing was acknowledged yet: take the message back rather than hold unaudited PHI.
+            queued.withdraw();
             tracing::error!(error = %e, queue_id = %id, "audit write failed; withdrawing the message");
             if let Err(e) = self.shared.queue.delete(id).await {
                 tracing::error!(error = %e, queue_id = %id, "could not withdraw the message after an audit failure");
             }
             return Reply::new(451, Some(S::TEMP_SYSTEM), "Temporary service failure");
         }
+        queued.release();
         tracing::info!(queue_id = %id, recipients = rcpt_count, size = queued_size, "accepted");
         metrics::counter!("sealpost_messages_accepted_total").increment(1);
         metrics::counter!("sealpost_recipients_accepted_total").increment(rcpt_count as u64);

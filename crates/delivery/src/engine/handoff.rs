@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use sealpost_queue::{Handoff, HandoffSlot, Lease};
+use sealpost_queue::{Handoff, HandoffSlot, Lease, Queue};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 /// A lease handed over, with the slot it holds.
@@ -31,6 +31,25 @@ impl Handoff for EngineHandoff {
             permit,
             tx: self.tx.clone(),
         }))
+    }
+}
+
+/// The hand-off registered with the queue; dropping it unregisters it (also when the engine's
+/// task panics or is aborted, so the queue never keeps handing messages to nobody).
+pub(super) struct Registration {
+    queue: Queue,
+}
+
+impl Registration {
+    pub(super) fn new(queue: Queue, handoff: EngineHandoff) -> Registration {
+        queue.set_handoff(Some(Arc::new(handoff)));
+        Registration { queue }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.queue.set_handoff(None);
     }
 }
 

@@ -88,6 +88,13 @@ async fn a_handed_over_message_is_stored_leased_and_not_leased_twice() {
         .iter()
         .all(|r| matches!(r.state, RecipientState::InFlight { .. })));
     assert!(q.lease_due(SystemTime::now(), 10).await.unwrap().is_empty());
+    // and the due index points at the end of the lease, as `lease_due` would have set it
+    let due = q
+        .next_due()
+        .await
+        .unwrap()
+        .expect("due once the lease ends");
+    assert!(due > later(59) && due <= later(60), "{due:?}");
     let after_lease = q.lease_due(later(61), 10).await.unwrap();
     assert_eq!(
         after_lease.len(),
@@ -192,4 +199,44 @@ async fn a_refused_enqueue_hands_nothing_over_and_gives_its_place_back() {
         "the place was given back"
     );
     assert!(q.list().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_held_enqueue_is_handed_over_only_when_released() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(dir.path());
+    let rec = recorder(&q, 3);
+    let held = q
+        .enqueue_held(envelope("a@x", &["b@y"]), b"1".to_vec())
+        .await
+        .unwrap();
+    let id = held.id();
+    assert!(
+        rec.got.lock().unwrap().is_empty(),
+        "nothing before the go-ahead"
+    );
+    held.release();
+    let got: Vec<QueueId> = rec.got.lock().unwrap().iter().map(|l| l.id).collect();
+    assert_eq!(got, vec![id]);
+
+    // withdrawn: the place is given back and nothing is handed over
+    let withdrawn = q
+        .enqueue_held(envelope("a@x", &["c@y"]), b"2".to_vec())
+        .await
+        .unwrap();
+    let gone = withdrawn.id();
+    withdrawn.withdraw();
+    assert_eq!(rec.got.lock().unwrap().len(), 1);
+    assert_eq!(rec.dropped_unused.load(Ordering::SeqCst), 1);
+    q.delete(gone).await.unwrap();
+
+    // dropped without a word (a caller that went away): delivered all the same
+    let dropped = q
+        .enqueue_held(envelope("a@x", &["d@y"]), b"3".to_vec())
+        .await
+        .unwrap();
+    let kept = dropped.id();
+    drop(dropped);
+    let got: Vec<QueueId> = rec.got.lock().unwrap().iter().map(|l| l.id).collect();
+    assert_eq!(got, vec![id, kept]);
 }
