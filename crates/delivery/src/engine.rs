@@ -246,20 +246,34 @@ impl Engine {
                 self.start(&mut tasks, lease, permit, Via::Handoff);
             }
             let inner = self.inner();
-            // The slots are taken before asking, so every lease returned has one: hand-offs
-            // that arrive meanwhile find no room and leave their messages due instead.
-            let mut permits = Vec::new();
-            while let Ok(permit) = slots.clone().try_acquire_owned() {
-                permits.push(permit);
+            // Slots for as many messages as are due are taken before asking, so every lease
+            // returned has one and the loop never waits for a slot. Only that many: hand-offs
+            // keep the rest while the lease is committed.
+            let free = slots.available_permits();
+            let now = SystemTime::now();
+            let due = if free == 0 {
+                0
+            } else {
+                inner.queue.due_count(now, free).await.unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "cannot read the due index");
+                    0
+                })
+            };
+            let mut permits = Vec::with_capacity(due);
+            while permits.len() < due {
+                match slots.clone().try_acquire_owned() {
+                    Ok(permit) => permits.push(permit),
+                    Err(_) => break,
+                }
             }
-            let free = permits.len();
+            let taken = permits.len();
             let mut leased = 0;
-            if free > 0 {
-                match inner.queue.lease_due(SystemTime::now(), free).await {
+            if taken > 0 {
+                match inner.queue.lease_due(now, taken).await {
                     Ok(leases) => {
                         for lease in leases {
                             let Some(permit) = permits.pop() else {
-                                // cannot happen: at most `free` leases; due again when it ends
+                                // cannot happen: at most `taken` leases; due again when it ends
                                 tracing::error!(queue_id = %lease.id, "a lease without a slot");
                                 continue;
                             };
@@ -297,7 +311,7 @@ impl Engine {
             // Nothing is due now (or no slot was free). A handed-over message starts at once; a
             // finished delivery matters only if messages wait for its slot (an outcome that
             // makes a message due again signals `notify`). So the wait goes on through those.
-            let slot_limited = free == 0;
+            let slot_limited = free == 0 || taken < due;
             loop {
                 tokio::select! {
                     _ = notify.notified() => break,

@@ -412,6 +412,16 @@ impl Inner {
         })
     }
 
+    /// How many messages are due at `now_ms`, counting no further than `max`.
+    pub(crate) fn due_count(&self, now_ms: u64, max: usize) -> Result<usize, QueueError> {
+        let ctx = "reading the due index";
+        self.store.read(ctx, |txn| {
+            let due = txn.open_table(DUE).map_err(table_err(ctx))?;
+            let range = due.range(..=(now_ms, u128::MAX)).map_err(op_err(ctx))?;
+            Ok(range.take(max).count())
+        })
+    }
+
     /// Re-encrypts every record not sealed under the primary key.
     pub(crate) fn rekey(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<u64, QueueError> {
         let ctx = "re-encrypting records";

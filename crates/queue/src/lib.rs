@@ -312,6 +312,13 @@ impl Queue {
         self.blocking(|inner| inner.next_due()).await
     }
 
+    /// How many messages are due at `now`, counting no further than `max` (a read; for sizing
+    /// the next [`lease_due`](Self::lease_due)).
+    pub async fn due_count(&self, now: SystemTime, max: usize) -> Result<usize, QueueError> {
+        self.blocking(move |inner| inner.due_count(to_ms(now), max))
+            .await
+    }
+
     /// Leases the due recipients of up to `max` messages (in-flight until `now + lease`).
     pub async fn lease_due(&self, now: SystemTime, max: usize) -> Result<Vec<Lease>, QueueError> {
         self.committed(move |core, txn| core.lease_due(txn, now, max))

@@ -240,3 +240,28 @@ async fn a_held_enqueue_is_handed_over_only_when_released() {
     let got: Vec<QueueId> = rec.got.lock().unwrap().iter().map(|l| l.id).collect();
     assert_eq!(got, vec![id, kept]);
 }
+
+#[tokio::test]
+async fn due_count_counts_due_messages_up_to_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = open(dir.path());
+    for i in 0..3 {
+        q.enqueue(envelope("a@x", &[&format!("r{i}@y")]), b"x".to_vec())
+            .await
+            .unwrap();
+    }
+    let now = SystemTime::now();
+    assert_eq!(q.due_count(now, 10).await.unwrap(), 3);
+    assert_eq!(q.due_count(now, 2).await.unwrap(), 2);
+    assert_eq!(q.lease_due(now, 10).await.unwrap().len(), 3);
+    assert_eq!(
+        q.due_count(now, 10).await.unwrap(),
+        0,
+        "leased ones are not due"
+    );
+    assert_eq!(
+        q.due_count(later(61), 10).await.unwrap(),
+        3,
+        "due again after the lease"
+    );
+}
