@@ -265,3 +265,14 @@ async fn due_count_counts_due_messages_up_to_the_limit() {
         "due again after the lease"
     );
 }
+
+/// `Enqueued` is held across an await by every submission task, and a task is as large as the
+/// largest state it can be in: kept small, it does not grow every idle session.
+#[test]
+fn enqueued_stays_small() {
+    assert!(
+        std::mem::size_of::<Enqueued>() <= 64,
+        "{} bytes",
+        std::mem::size_of::<Enqueued>()
+    );
+}
