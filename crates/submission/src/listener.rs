@@ -200,6 +200,32 @@ async fn connection(
 mod tests {
     use super::*;
 
+    /// Bytes a session task may take in a test build: 3,760 when this was written (rustc 1.95),
+    /// with room for small changes. A lease held inline across the audit write made it 4,048
+    /// (~0.4 KB more per idle session). If this fails, find what grew before raising it.
+    const SESSION_TASK_BUDGET: usize = 4_000;
+
+    /// The size of the future `f` returns, without calling it.
+    fn future_size<F, Fut>(_: F) -> usize
+    where
+        F: FnOnce(TcpStream, SocketAddr, ListenerMode, SocketAddr, Arc<Shared>) -> Fut,
+    {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// Every open session is one task of this future's size, whatever it is doing: anything
+    /// large held across an await anywhere in a session (a lease, a buffer) makes every idle
+    /// session that much larger (the idle-session memory target is 50 KB; we are at ~10).
+    #[test]
+    fn a_session_task_stays_small() {
+        let size = future_size(connection);
+        println!("session task: {size} bytes");
+        assert!(
+            size <= SESSION_TASK_BUDGET,
+            "a session task is {size} bytes"
+        );
+    }
+
     #[test]
     fn plain_allow_list() {
         let nets: Vec<ipnet::IpNet> = vec!["10.1.0.0/16".parse().unwrap()];
