@@ -367,12 +367,9 @@ mod tests {
     use crate::client::{Client, Security};
     use crate::mix::{body, message};
 
-    /// A real STARTTLS session from the bench client: the sink counts it under its tag, over
-    /// TLS, with a latency from the stamp; a plain message is counted as not over TLS.
-    #[tokio::test]
-    async fn counts_messages_per_tag_with_tls_and_latency() {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = BenchCa::create(dir.path()).unwrap();
+    /// A bench CA under `dir` and a sink on loopback with a certificate for `mx.bench.test`.
+    async fn bench_sink(dir: &std::path::Path) -> (BenchCa, Sink) {
+        let ca = BenchCa::create(dir).unwrap();
         let leaf = ca.issue("sink", &["mx.bench.test"]).unwrap();
         let sink = Sink::start(
             "127.0.0.1:0".parse().unwrap(),
@@ -382,6 +379,15 @@ mod tests {
         )
         .await
         .unwrap();
+        (ca, sink)
+    }
+
+    /// A real STARTTLS session from the bench client: the sink counts it under its tag, over
+    /// TLS, with a latency from the stamp; a plain message is counted as not over TLS.
+    #[tokio::test]
+    async fn counts_messages_per_tag_with_tls_and_latency() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, sink) = bench_sink(dir.path()).await;
         let sec =
             Security::starttls(roots(ca.root_pem()).unwrap(), "mx.bench.test", "u", "p").unwrap();
         // The sink does not offer AUTH: the client fails at AUTH after a verified handshake.
@@ -443,16 +449,7 @@ mod tests {
     async fn pipelined_replies_go_out_together() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let dir = tempfile::tempdir().unwrap();
-        let ca = BenchCa::create(dir.path()).unwrap();
-        let leaf = ca.issue("sink", &["mx.bench.test"]).unwrap();
-        let sink = Sink::start(
-            "127.0.0.1:0".parse().unwrap(),
-            "mx.bench.test",
-            &leaf.chain_pem,
-            &leaf.key_pem,
-        )
-        .await
-        .unwrap();
+        let (_ca, sink) = bench_sink(dir.path()).await;
         let mut tcp = tokio::net::TcpStream::connect(sink.addr).await.unwrap();
         let mut buf = vec![0u8; 4096];
         async fn read_until(tcp: &mut tokio::net::TcpStream, buf: &mut [u8], end: &str) -> String {
