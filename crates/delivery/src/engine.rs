@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use sealpost_audit::{AuditLog, Event, Record};
 use sealpost_config::{Config, FallbackStep, Policy};
 use sealpost_policy::{Evidence, PolicySpec, TlsRequirement, TrustStore};
-use sealpost_queue::{Lease, LeasedRecipient, Outcome, Queue, QueueId};
+use sealpost_queue::{DueNow, Lease, LeasedRecipient, Outcome, Queue, QueueId};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
@@ -251,14 +251,19 @@ impl Engine {
             // keep the rest while the lease is committed.
             let free = slots.available_permits();
             let now = SystemTime::now();
-            let due = if free == 0 {
-                0
+            // What is due, and when the next is: `None` if the index could not be read.
+            let due_now = if free == 0 {
+                None
             } else {
-                inner.queue.due_count(now, free).await.unwrap_or_else(|e| {
-                    tracing::error!(error = %e, "cannot read the due index");
-                    0
-                })
+                match inner.queue.due_now(now, free).await {
+                    Ok(d) => Some(d),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot read the due index");
+                        None
+                    }
+                }
             };
+            let due = due_now.map_or(0, |d| d.count);
             let mut permits = Vec::with_capacity(due);
             while permits.len() < due {
                 match slots.clone().try_acquire_owned() {
@@ -292,20 +297,17 @@ impl Engine {
                 session.quit().await;
             }
             inner.queue.forget_stale_bodies();
-            let wait = if free == 0 {
-                MAX_SLEEP
-            } else {
-                match inner.queue.next_due().await {
-                    Ok(Some(due)) => due
-                        .duration_since(SystemTime::now())
-                        .unwrap_or(Duration::ZERO)
-                        .clamp(Duration::from_millis(20), MAX_SLEEP),
-                    Ok(None) => MAX_SLEEP,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot read the next due time");
-                        Duration::from_secs(5)
-                    }
-                }
+            let wait = match due_now {
+                _ if free == 0 => MAX_SLEEP,
+                Some(DueNow {
+                    next: Some(next), ..
+                }) => next
+                    .duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO)
+                    .clamp(Duration::from_millis(20), MAX_SLEEP),
+                Some(DueNow { next: None, .. }) => MAX_SLEEP,
+                // the index could not be read
+                None => Duration::from_secs(5),
             };
             let until = tokio::time::Instant::now() + wait;
             // Nothing is due now (or no slot was free). A handed-over message starts at once; a

@@ -14,12 +14,12 @@ use crate::hot::HotBodies;
 use crate::id::QueueId;
 use crate::keys::Keyring;
 use crate::record::{MessageRecord, RecipientState};
-use crate::schedule::{message_due_ms, recipient_due, retry_delay, to_ms};
+use crate::schedule::{message_due_ms, retry_delay, to_ms};
 use crate::store::{
     op_err, table_err, Store, BODY, BODY_CHUNKS, DUE, DUE_BY_ID, META, QUARANTINE_BODY,
     QUARANTINE_META,
 };
-use crate::{Lease, LeasedRecipient, Outcome, QueueOptions};
+use crate::{Lease, Outcome, QueueOptions};
 
 /// Shared state behind a `Queue`.
 pub(crate) struct Inner {
@@ -187,46 +187,9 @@ impl Core {
                     }
                     Err(e) => return Err(e),
                 };
-                let mut recipients = Vec::new();
-                let arrival = record.arrival;
-                for (index, (rcpt, spec)) in record
-                    .recipients
-                    .iter_mut()
-                    .zip(record.envelope.recipients.iter())
-                    .enumerate()
-                {
-                    let due = recipient_due(&rcpt.state, arrival).map(to_ms);
-                    if !matches!(due, Some(d) if d <= now_ms) {
-                        continue;
-                    }
-                    let previous = match &rcpt.state {
-                        RecipientState::InFlight { .. } => {
-                            rcpt.resume.clone().unwrap_or(RecipientState::Pending)
-                        }
-                        other => other.clone(),
-                    };
-                    rcpt.state = RecipientState::InFlight { lease_until };
-                    rcpt.resume = Some(previous.clone());
-                    recipients.push(LeasedRecipient {
-                        index,
-                        address: spec.address.clone(),
-                        notify: spec.notify.clone(),
-                        orcpt: spec.orcpt.clone(),
-                        attempts: rcpt.attempts,
-                        last_error: rcpt.last_error.clone(),
-                        delay_notified: rcpt.delay_notified,
-                        previous,
-                    });
-                }
+                let lease = record.lease(id, now_ms, lease_until);
                 self.save(txn, id, &record)?;
-                if !recipients.is_empty() {
-                    leases.push(Lease {
-                        id,
-                        envelope: record.envelope.clone(),
-                        arrival,
-                        recipients,
-                    });
-                }
+                leases.extend(lease);
             }
             Ok(leases)
         }
@@ -412,13 +375,20 @@ impl Inner {
         })
     }
 
-    /// How many messages are due at `now_ms`, counting no further than `max`.
-    pub(crate) fn due_count(&self, now_ms: u64, max: usize) -> Result<usize, QueueError> {
+    /// How many messages are due at `now_ms` (counting no further than `max`), and the earliest
+    /// due time of any, in one read of the due index.
+    pub(crate) fn due_now(&self, now_ms: u64, max: usize) -> Result<crate::DueNow, QueueError> {
         let ctx = "reading the due index";
         self.store.read(ctx, |txn| {
             let due = txn.open_table(DUE).map_err(table_err(ctx))?;
+            let first = due.first().map_err(op_err(ctx))?;
+            let next =
+                first.map(|(k, _)| SystemTime::UNIX_EPOCH + Duration::from_millis(k.value().0));
             let range = due.range(..=(now_ms, u128::MAX)).map_err(op_err(ctx))?;
-            Ok(range.take(max).count())
+            Ok(crate::DueNow {
+                count: range.take(max).count(),
+                next,
+            })
         })
     }
 

@@ -47,6 +47,15 @@ use crate::store::{Store, STORE_FILE};
 /// Bodies up to this size are sealed on the calling task instead of a blocking thread.
 const INLINE_SEAL_BYTES: usize = 64 * 1024;
 
+/// What is due: see [`Queue::due_now`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DueNow {
+    /// Messages due now, up to the `max` asked for.
+    pub count: usize,
+    /// When the earliest message is due (perhaps in the past), if any is ever due.
+    pub next: Option<SystemTime>,
+}
+
 /// Where the queue lives and how it schedules retries.
 #[derive(Clone, Debug)]
 pub struct QueueOptions {
@@ -233,7 +242,8 @@ impl Queue {
         let lease_until = slot.as_ref().map(|_| arrival + self.inner.core.opts.lease);
         let prepare = move |inner: &Inner| {
             let mut record = MessageRecord::new(env, arrival, body.len() as u64);
-            let lease = lease_until.map(|until| record.lease_all(id, until));
+            // every recipient of a new record is pending, due at its arrival
+            let lease = lease_until.and_then(|until| record.lease(id, to_ms(arrival), until));
             let plain = record.encode().map_err(|e| QueueError::Decode {
                 id,
                 detail: e.to_string(),
@@ -245,7 +255,7 @@ impl Queue {
                 id,
                 meta,
                 body: sealed,
-                due_ms: to_ms(lease_until.unwrap_or(arrival)),
+                due_ms: to_ms(lease.as_ref().and(lease_until).unwrap_or(arrival)),
                 reply,
             };
             Ok((job, rx, body, lease))
@@ -271,11 +281,11 @@ impl Queue {
             self.inner.hot.remove(id);
             return Err(e);
         }
-        let handoff = match (slot, lease) {
-            (Some(slot), Some(lease)) => Some((slot, lease)),
-            _ => None,
-        };
-        Ok(Enqueued::new(id, handoff, self.inner.notify.clone()))
+        Ok(Enqueued::new(
+            id,
+            slot.zip(lease),
+            self.inner.notify.clone(),
+        ))
     }
 
     /// Lets delivery take just-committed messages directly (`None` stops it; messages then wait
@@ -312,10 +322,11 @@ impl Queue {
         self.blocking(|inner| inner.next_due()).await
     }
 
-    /// How many messages are due at `now`, counting no further than `max` (a read; for sizing
-    /// the next [`lease_due`](Self::lease_due)).
-    pub async fn due_count(&self, now: SystemTime, max: usize) -> Result<usize, QueueError> {
-        self.blocking(move |inner| inner.due_count(to_ms(now), max))
+    /// How many messages are due at `now` (counting no further than `max`) and when the
+    /// earliest is due: one read, for sizing the next [`lease_due`](Self::lease_due) and the
+    /// scheduler's sleep.
+    pub async fn due_now(&self, now: SystemTime, max: usize) -> Result<DueNow, QueueError> {
+        self.blocking(move |inner| inner.due_now(to_ms(now), max))
             .await
     }
 

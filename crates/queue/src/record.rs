@@ -136,17 +136,32 @@ impl MessageRecord {
         }
     }
 
-    /// Leases every (pending) recipient of a new record until `until`, as `lease_due` would,
-    /// and returns the lease.
-    pub(crate) fn lease_all(&mut self, id: crate::QueueId, until: SystemTime) -> crate::Lease {
-        let mut recipients = Vec::with_capacity(self.recipients.len());
+    /// Leases until `until` every recipient due at `now_ms` (as `lease_due` does, and at enqueue
+    /// for a message handed straight to delivery); `None` if none is due.
+    pub(crate) fn lease(
+        &mut self,
+        id: crate::QueueId,
+        now_ms: u64,
+        until: SystemTime,
+    ) -> Option<crate::Lease> {
+        let mut recipients = Vec::new();
         for (index, (rcpt, spec)) in self
             .recipients
             .iter_mut()
             .zip(self.envelope.recipients.iter())
             .enumerate()
         {
-            let previous = rcpt.state.clone();
+            let due = crate::schedule::recipient_due(&rcpt.state, self.arrival)
+                .map(crate::schedule::to_ms);
+            if !matches!(due, Some(d) if d <= now_ms) {
+                continue;
+            }
+            let previous = match &rcpt.state {
+                RecipientState::InFlight { .. } => {
+                    rcpt.resume.clone().unwrap_or(RecipientState::Pending)
+                }
+                other => other.clone(),
+            };
             rcpt.state = RecipientState::InFlight { lease_until: until };
             rcpt.resume = Some(previous.clone());
             recipients.push(crate::LeasedRecipient {
@@ -160,12 +175,15 @@ impl MessageRecord {
                 previous,
             });
         }
-        crate::Lease {
+        if recipients.is_empty() {
+            return None;
+        }
+        Some(crate::Lease {
             id,
             envelope: self.envelope.clone(),
             arrival: self.arrival,
             recipients,
-        }
+        })
     }
 
     /// Whether every recipient is final.

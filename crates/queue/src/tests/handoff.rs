@@ -242,7 +242,7 @@ async fn a_held_enqueue_is_handed_over_only_when_released() {
 }
 
 #[tokio::test]
-async fn due_count_counts_due_messages_up_to_the_limit() {
+async fn due_now_counts_due_messages_up_to_the_limit() {
     let dir = tempfile::tempdir().unwrap();
     let q = open(dir.path());
     for i in 0..3 {
@@ -251,16 +251,17 @@ async fn due_count_counts_due_messages_up_to_the_limit() {
             .unwrap();
     }
     let now = SystemTime::now();
-    assert_eq!(q.due_count(now, 10).await.unwrap(), 3);
-    assert_eq!(q.due_count(now, 2).await.unwrap(), 2);
+    let before = q.due_now(now, 10).await.unwrap();
+    assert_eq!(before.count, 3);
+    assert!(before.next.is_some_and(|t| t <= now));
+    assert_eq!(q.due_now(now, 2).await.unwrap().count, 2);
     assert_eq!(q.lease_due(now, 10).await.unwrap().len(), 3);
+    let after = q.due_now(now, 10).await.unwrap();
+    assert_eq!(after.count, 0, "leased ones are not due");
+    let next = after.next.expect("due again once the leases end");
+    assert!(next > later(59) && next <= later(60), "{next:?}");
     assert_eq!(
-        q.due_count(now, 10).await.unwrap(),
-        0,
-        "leased ones are not due"
-    );
-    assert_eq!(
-        q.due_count(later(61), 10).await.unwrap(),
+        q.due_now(later(61), 10).await.unwrap().count,
         3,
         "due again after the lease"
     );
