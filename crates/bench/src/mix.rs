@@ -180,16 +180,32 @@ pub fn message(
     sent_unix_ns: u128,
     body: &[u8],
 ) -> Vec<u8> {
-    let head = format!(
+    let mut m = Vec::new();
+    message_into(&mut m, run, seq, from, to, sent_unix_ns, body);
+    m
+}
+
+/// [`message`] written into `out` (cleared first), so a sender can reuse one buffer.
+pub fn message_into(
+    out: &mut Vec<u8>,
+    run: &str,
+    seq: u64,
+    from: &str,
+    to: &str,
+    sent_unix_ns: u128,
+    body: &[u8],
+) {
+    use std::io::Write as _;
+    out.clear();
+    // writing into a Vec cannot fail
+    let _ = write!(
+        out,
         "From: Bench <{from}>\r\nTo: <{to}>\r\nSubject: bench message {seq}\r\n\
          Message-ID: <bench-{run}-{seq}@bench.invalid>\r\nMIME-Version: 1.0\r\n\
          Content-Type: text/plain; charset=us-ascii\r\n{RUN_HEADER}: {run}\r\n\
          {SENT_HEADER}: {sent_unix_ns}\r\n\r\n"
     );
-    let mut m = Vec::with_capacity(head.len() + body.len());
-    m.extend_from_slice(head.as_bytes());
-    m.extend_from_slice(body);
-    m
+    out.extend_from_slice(body);
 }
 
 /// Finds the benchmark headers in a message's header section: (run, sent ns).

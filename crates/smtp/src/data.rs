@@ -5,6 +5,7 @@ use std::io;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::codec::{LineError, LineReader};
+use crate::crlf::only_crlf;
 use crate::reply::Reply;
 use crate::status::EnhancedStatus;
 
@@ -157,24 +158,10 @@ async fn read_lines<S: AsyncRead + Unpin>(
     }
 }
 
-/// Checks that every CR is followed by LF and every LF preceded by CR.
-///
-/// Visits only the CR and LF bytes (SIMD `memchr2`): a byte-at-a-time check of every outgoing
-/// message was one of the largest costs of delivery in the benchmark's profile.
-fn only_crlf(message: &[u8]) -> bool {
-    memchr::memchr2_iter(b'\r', b'\n', message).all(|i| {
-        if message.get(i) == Some(&b'\n') {
-            i > 0 && message.get(i - 1) == Some(&b'\r')
-        } else {
-            message.get(i + 1) == Some(&b'\n')
-        }
-    })
-}
-
 /// Sends a message dot-stuffed and terminated by `.\r\n`, adding a final CRLF if missing.
 ///
 /// The message must use CRLF line endings only; a bare CR or LF is refused with
-/// `InvalidInput` before anything is written. Writes in chunks of 64 KiB and flushes.
+/// `InvalidInput` before anything is written. Writes in chunks of about 64 KiB and flushes.
 pub async fn write_data<W: AsyncWrite + Unpin>(w: &mut W, message: &[u8]) -> io::Result<()> {
     if !only_crlf(message) {
         return Err(io::Error::new(
@@ -182,28 +169,18 @@ pub async fn write_data<W: AsyncWrite + Unpin>(w: &mut W, message: &[u8]) -> io:
             "message contains a bare CR or LF",
         ));
     }
-    let mut out = Vec::with_capacity(WRITE_CHUNK + 1024);
-    let mut rest = message;
-    while !rest.is_empty() {
-        // Every LF is preceded by CR (checked above), so LF ends a line.
-        let end = memchr::memchr(b'\n', rest).map_or(rest.len(), |i| i + 1);
-        let (line, tail) = rest.split_at(end);
-        rest = tail;
-        if line.first() == Some(&b'.') {
-            out.push(b'.');
-        }
-        if line.len() >= WRITE_CHUNK {
-            w.write_all(&out).await?;
-            out.clear();
-            w.write_all(line).await?;
-        } else {
-            out.extend_from_slice(line);
-            if out.len() >= WRITE_CHUNK {
-                w.write_all(&out).await?;
-                out.clear();
-            }
-        }
+    // Every LF is preceded by CR (checked above), so a line starts at 0 and after each LF:
+    // the lines to stuff start at 0 if it holds a dot, and one past each "\n.".
+    let first = (message.first() == Some(&b'.')).then_some(0);
+    let dots = memchr::memmem::find_iter(message, b"\n.").map(|lf| lf + 1);
+    let mut out = Vec::with_capacity(WRITE_CHUNK + 8);
+    let mut start = 0;
+    for dot in first.into_iter().chain(dots) {
+        put(w, &mut out, message.get(start..dot).unwrap_or_default()).await?;
+        out.push(b'.');
+        start = dot;
     }
+    put(w, &mut out, message.get(start..).unwrap_or_default()).await?;
     if !message.is_empty() && !message.ends_with(b"\r\n") {
         out.extend_from_slice(b"\r\n");
     }
@@ -212,55 +189,89 @@ pub async fn write_data<W: AsyncWrite + Unpin>(w: &mut W, message: &[u8]) -> io:
     w.flush().await
 }
 
+/// Appends `run` to `out`, writing whenever `out` reaches [`WRITE_CHUNK`] bytes.
+async fn put<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    out: &mut Vec<u8>,
+    mut run: &[u8],
+) -> io::Result<()> {
+    while !run.is_empty() {
+        let room = WRITE_CHUNK.saturating_sub(out.len());
+        if out.is_empty() && run.len() >= WRITE_CHUNK {
+            // nothing to join it with: write the whole chunks straight from the message
+            let whole = run.len() - run.len() % WRITE_CHUNK;
+            let (chunks, rest) = run.split_at(whole);
+            w.write_all(chunks).await?;
+            run = rest;
+            continue;
+        }
+        let (now, rest) = run.split_at(room.min(run.len()));
+        out.extend_from_slice(now);
+        run = rest;
+        if out.len() >= WRITE_CHUNK {
+            w.write_all(out).await?;
+            out.clear();
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// The byte-at-a-time definition `only_crlf` replaced, kept as the reference.
-    fn only_crlf_reference(message: &[u8]) -> bool {
-        let mut prev_cr = false;
-        for &b in message {
-            match b {
-                b'\n' if !prev_cr => return false,
-                _ if prev_cr && b != b'\n' => return false,
-                _ => {}
+    /// The line-by-line `write_data` the run-based one replaced, kept as the reference.
+    fn stuffed_reference(message: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for line in message.split_inclusive(|&b| b == b'\n') {
+            if line.first() == Some(&b'.') {
+                out.push(b'.');
             }
-            prev_cr = b == b'\r';
+            out.extend_from_slice(line);
         }
-        !prev_cr
+        if !message.is_empty() && !message.ends_with(b"\r\n") {
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b".\r\n");
+        out
     }
 
-    /// Every string over {CR, LF, 'a'} up to length 7, plus long random ones with the
-    /// interesting bytes far apart (past memchr's SIMD blocks): same verdict as the reference.
-    #[test]
-    fn only_crlf_matches_the_reference() {
-        let alphabet = [b'\r', b'\n', b'a'];
-        for len in 0..=7u32 {
-            for n in 0..3usize.pow(len) {
-                let mut k = n;
-                let s: Vec<u8> = (0..len)
-                    .map(|_| {
-                        let b = alphabet[k % 3];
-                        k /= 3;
-                        b
-                    })
-                    .collect();
-                assert_eq!(only_crlf(&s), only_crlf_reference(&s), "{s:?}");
+    /// Random messages of dot lines, empty lines and long lines, some larger than a write
+    /// chunk: the same bytes on the wire as the line-by-line reference, in chunk-sized writes.
+    #[tokio::test]
+    async fn write_data_matches_the_line_by_line_reference() {
+        let mut rng = Rng(0x0D07_57AF_F1E5_0001);
+        for case in 0..400 {
+            let mut message = Vec::new();
+            let lines = rng.below(if case % 10 == 0 { 3000 } else { 30 });
+            for _ in 0..lines {
+                if rng.below(3) == 0 {
+                    message.push(b'.');
+                }
+                let len = match rng.below(20) {
+                    0 => rng.below(3 * WRITE_CHUNK as u64),
+                    1 => 0,
+                    _ => rng.below(100),
+                };
+                message.extend(std::iter::repeat_n(b"a.x"[rng.below(3)], len));
+                message.extend_from_slice(b"\r\n");
             }
-        }
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        for _ in 0..2000 {
-            let mut s = vec![b'x'; 300];
-            for _ in 0..4 {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                let pos = (state % 300) as usize;
-                s[pos] = alphabet[(state >> 32) as usize % 2];
+            if rng.below(3) == 0 {
+                message.extend(std::iter::repeat_n(b'.', rng.below(3)));
             }
-            assert_eq!(only_crlf(&s), only_crlf_reference(&s));
+            let mut writer = CountingWriter::default();
+            write_data(&mut writer, &message).await.unwrap();
+            assert_eq!(writer.bytes, stuffed_reference(&message), "case {case}");
+            assert!(writer.flushed);
+            assert!(
+                writer.writes <= writer.bytes.len() / WRITE_CHUNK + 1,
+                "case {case}: {} writes for {} bytes",
+                writer.writes,
+                writer.bytes.len()
+            );
         }
     }
+
     use crate::codec::testutil::Trickle;
     use std::pin::Pin;
     use std::task::{Context, Poll};

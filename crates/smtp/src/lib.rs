@@ -8,6 +8,7 @@
 pub mod address;
 pub mod codec;
 pub mod command;
+mod crlf;
 pub mod data;
 pub mod ehlo;
 pub mod format;
