@@ -1085,6 +1085,9 @@ fn reused_attempt(lease: &Lease, mx: &str, ip: IpAddr) -> Record {
 }
 
 #[cfg(test)]
+mod loop_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -62,6 +62,12 @@ impl Enqueued {
         self.id
     }
 
+    /// Whether delivery took the message at enqueue (it starts at release, without a
+    /// `lease_due` round trip).
+    pub fn handed_over(&self) -> bool {
+        self.handoff.is_some()
+    }
+
     /// Starts delivery.
     pub fn release(self) {
         drop(self);

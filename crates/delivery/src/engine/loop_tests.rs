@@ -1,0 +1,155 @@
+//! The engine's loop run for real, on a real queue and audit log: how it stops.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use sealpost_audit::{AuditLog, AuditOptions};
+use sealpost_queue::{Enqueued, Envelope, Keyring, Queue, QueueOptions, RecipientSpec};
+use tokio::sync::watch;
+
+use super::Engine;
+
+/// An engine on a real queue and audit log in `dir`, whose DNS server does not answer (a
+/// closed loopback port), so every delivery ends quickly as deferred.
+fn engine(dir: &Path) -> (Engine, Queue, std::path::PathBuf) {
+    let closed = std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .unwrap();
+    let cfg_path = dir.join("sealpost.toml");
+    std::fs::write(
+        &cfg_path,
+        format!(
+            "[server]\nhostname = \"relay.unit.test\"\nstate_dir = \"{}\"\n\n\
+             [[listeners]]\naddress = \"127.0.0.1:2587\"\nmode = \"starttls\"\n\n\
+             [dns]\nnameservers = [\"{closed}\"]\ntimeout = \"1s\"\n",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    let config =
+        sealpost_config::Config::load_with_env_prefix(&cfg_path, "SEALPOST_UNIT_TEST_NONE_")
+            .unwrap();
+    let key = dir.join("queue.key");
+    Keyring::generate(&key).unwrap();
+    let queue = Queue::open(
+        QueueOptions {
+            dir: dir.join("queue"),
+            retry: vec![Duration::from_secs(600)],
+            lifetime: Duration::from_secs(3600),
+            lease: Duration::from_secs(600),
+        },
+        Keyring::load(&key, &[]).unwrap(),
+    )
+    .unwrap();
+    let audit_path = dir.join("audit").join("audit.jsonl");
+    let audit = AuditLog::open(AuditOptions::new(&audit_path)).unwrap();
+    let engine = Engine::new(&config, queue.clone(), audit).unwrap();
+    (engine, queue, audit_path)
+}
+
+fn envelope() -> Envelope {
+    Envelope {
+        sender: "app@clinic.test".into(),
+        recipients: vec![RecipientSpec {
+            address: "pat@b.test".into(),
+            notify: None,
+            orcpt: None,
+        }],
+        user: Some("app".into()),
+        policy: "phi".into(),
+        tags: Vec::new(),
+        client_ip: None,
+        ret: None,
+        envid: None,
+        smtputf8: false,
+        eight_bit: false,
+        received_at: SystemTime::now(),
+    }
+}
+
+/// Enqueues messages until one is handed over (the engine registers its hand-off when its
+/// loop starts); the others are released to the due queue.
+async fn handed_over(queue: &Queue) -> Enqueued {
+    for _ in 0..500 {
+        let held = queue
+            .enqueue_held(envelope(), b"Subject: x\r\n\r\nbody\r\n".to_vec())
+            .await
+            .unwrap();
+        if held.handed_over() {
+            return held;
+        }
+        held.release();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the engine never took a message at enqueue");
+}
+
+/// The events the audit log holds for `id`.
+fn events_of(path: &Path, id: &str) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["queue_id"] == id)
+        .map(|r| r["event"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// A message whose commit was under way when the engine was told to stop still has its slot:
+/// the engine waits for it, starts its delivery and only then stops. Without the drain it would
+/// sit leased, untouched, until its lease ran out (ten minutes here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_handed_over_while_stopping_is_delivered_before_the_engine_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let (engine, queue, audit_path) = engine(dir.path());
+    let (stop, stopped) = watch::channel(false);
+    let run = tokio::spawn(engine.run(stopped));
+    let held = handed_over(&queue).await;
+    let id = held.id().to_string();
+
+    stop.send(true).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !run.is_finished(),
+        "the engine stopped with a hand-off still reserved"
+    );
+    assert!(
+        events_of(&audit_path, &id).is_empty(),
+        "nothing started yet"
+    );
+
+    held.release();
+    tokio::time::timeout(Duration::from_secs(20), run)
+        .await
+        .expect("the engine stops once the hand-off arrived and its delivery ended")
+        .unwrap();
+    assert_eq!(
+        events_of(&audit_path, &id),
+        ["deferred"],
+        "the handed-over message was tried (no DNS answer: deferred) before the engine stopped"
+    );
+}
+
+/// A hand-off given back unused (the session withdrew its message) does not hold the engine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_withdrawn_hand_off_does_not_hold_up_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let (engine, queue, audit_path) = engine(dir.path());
+    let (stop, stopped) = watch::channel(false);
+    let run = tokio::spawn(engine.run(stopped));
+    let held = handed_over(&queue).await;
+    let id = held.id().to_string();
+
+    stop.send(true).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!run.is_finished());
+    held.withdraw();
+    tokio::time::timeout(Duration::from_secs(20), run)
+        .await
+        .expect("the engine stops once the reserved slot is given back")
+        .unwrap();
+    assert!(
+        events_of(&audit_path, &id).is_empty(),
+        "a withdrawn message is not delivered"
+    );
+}
