@@ -173,7 +173,7 @@ pub async fn write_data<W: AsyncWrite + Unpin>(w: &mut W, message: &[u8]) -> io:
     // the lines to stuff start at 0 if it holds a dot, and one past each "\n.".
     let first = (message.first() == Some(&b'.')).then_some(0);
     let dots = memchr::memmem::find_iter(message, b"\n.").map(|lf| lf + 1);
-    // the runs plus a stuffing dot per dot line and the end: no more than a chunk at a time
+    // the runs and the end, no more than a chunk at a time (a few dot lines may grow it once)
     let mut out = Vec::with_capacity(message.len().min(WRITE_CHUNK) + 8);
     let mut start = 0;
     for dot in first.into_iter().chain(dots) {
