@@ -1086,6 +1086,8 @@ fn reused_attempt(lease: &Lease, mx: &str, ip: IpAddr) -> Record {
 
 #[cfg(test)]
 mod loop_tests;
+#[cfg(test)]
+mod test_engine;
 
 #[cfg(test)]
 mod tests {

@@ -1,10 +1,9 @@
 //! The engine's loop run for real, on a real queue and audit log: how it stops.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use sealpost_audit::{AuditLog, AuditOptions};
-use sealpost_queue::{Enqueued, Envelope, Keyring, Queue, QueueOptions, RecipientSpec};
+use sealpost_queue::{Enqueued, Envelope, Queue, RecipientSpec};
 use tokio::sync::watch;
 
 use super::Engine;
@@ -15,36 +14,8 @@ fn engine(dir: &Path) -> (Engine, Queue, std::path::PathBuf) {
     let closed = std::net::UdpSocket::bind("127.0.0.1:0")
         .and_then(|s| s.local_addr())
         .unwrap();
-    let cfg_path = dir.join("sealpost.toml");
-    std::fs::write(
-        &cfg_path,
-        format!(
-            "[server]\nhostname = \"relay.unit.test\"\nstate_dir = \"{}\"\n\n\
-             [[listeners]]\naddress = \"127.0.0.1:2587\"\nmode = \"starttls\"\n\n\
-             [dns]\nnameservers = [\"{closed}\"]\ntimeout = \"1s\"\n",
-            dir.display()
-        ),
-    )
-    .unwrap();
-    let config =
-        sealpost_config::Config::load_with_env_prefix(&cfg_path, "SEALPOST_UNIT_TEST_NONE_")
-            .unwrap();
-    let key = dir.join("queue.key");
-    Keyring::generate(&key).unwrap();
-    let queue = Queue::open(
-        QueueOptions {
-            dir: dir.join("queue"),
-            retry: vec![Duration::from_secs(600)],
-            lifetime: Duration::from_secs(3600),
-            lease: Duration::from_secs(600),
-        },
-        Keyring::load(&key, &[]).unwrap(),
-    )
-    .unwrap();
-    let audit_path = dir.join("audit").join("audit.jsonl");
-    let audit = AuditLog::open(AuditOptions::new(&audit_path)).unwrap();
-    let engine = Engine::new(&config, queue.clone(), audit).unwrap();
-    (engine, queue, audit_path)
+    let dns = format!("[dns]\nnameservers = [\"{closed}\"]\ntimeout = \"1s\"\n");
+    super::test_engine::engine_in(dir, &dns, Duration::from_secs(600))
 }
 
 fn envelope() -> Envelope {
@@ -95,24 +66,51 @@ fn events_of(path: &Path, id: &str) -> Vec<String> {
         .collect()
 }
 
-/// A message whose commit was under way when the engine was told to stop still has its slot:
-/// the engine waits for it, starts its delivery and only then stops. Without the drain it would
-/// sit leased, untouched, until its lease ran out (ten minutes here).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_message_handed_over_while_stopping_is_delivered_before_the_engine_stops() {
+/// A running engine told to stop while a message it took at enqueue is still held back.
+struct Stopping {
+    _dir: tempfile::TempDir,
+    audit_path: PathBuf,
+    run: tokio::task::JoinHandle<()>,
+    held: Enqueued,
+    id: String,
+}
+
+/// Starts an engine, has it take a message at enqueue, tells it to stop, and checks after
+/// `wait` that it is still running (it must not stop with a hand-off reserved).
+async fn stopping_with_a_hand_off(wait: Duration) -> Stopping {
     let dir = tempfile::tempdir().unwrap();
     let (engine, queue, audit_path) = engine(dir.path());
     let (stop, stopped) = watch::channel(false);
     let run = tokio::spawn(engine.run(stopped));
     let held = handed_over(&queue).await;
     let id = held.id().to_string();
-
     stop.send(true).unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(wait).await;
     assert!(
         !run.is_finished(),
         "the engine stopped with a hand-off still reserved"
     );
+    Stopping {
+        _dir: dir,
+        audit_path,
+        run,
+        held,
+        id,
+    }
+}
+
+/// A message whose commit was under way when the engine was told to stop still has its slot:
+/// the engine waits for it, starts its delivery and only then stops. Without the drain it would
+/// sit leased, untouched, until its lease ran out (ten minutes here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_handed_over_while_stopping_is_delivered_before_the_engine_stops() {
+    let Stopping {
+        _dir,
+        audit_path,
+        run,
+        held,
+        id,
+    } = stopping_with_a_hand_off(Duration::from_millis(300)).await;
     assert!(
         events_of(&audit_path, &id).is_empty(),
         "nothing started yet"
@@ -133,16 +131,13 @@ async fn a_message_handed_over_while_stopping_is_delivered_before_the_engine_sto
 /// A hand-off given back unused (the session withdrew its message) does not hold the engine.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_withdrawn_hand_off_does_not_hold_up_stopping() {
-    let dir = tempfile::tempdir().unwrap();
-    let (engine, queue, audit_path) = engine(dir.path());
-    let (stop, stopped) = watch::channel(false);
-    let run = tokio::spawn(engine.run(stopped));
-    let held = handed_over(&queue).await;
-    let id = held.id().to_string();
-
-    stop.send(true).unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(!run.is_finished());
+    let Stopping {
+        _dir,
+        audit_path,
+        run,
+        held,
+        id,
+    } = stopping_with_a_hand_off(Duration::from_millis(100)).await;
     held.withdraw();
     tokio::time::timeout(Duration::from_secs(20), run)
         .await

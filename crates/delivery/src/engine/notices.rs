@@ -393,40 +393,12 @@ mod tests {
     use super::*;
 
     use crate::engine::Engine;
-    use sealpost_audit::{AuditLog, AuditOptions};
-    use sealpost_queue::{Keyring, Queue, QueueOptions};
+    use sealpost_queue::Queue;
     use std::time::Duration;
 
     /// An engine on a real queue and audit log in `dir`.
     fn engine(dir: &std::path::Path) -> (Engine, Queue, std::path::PathBuf) {
-        let cfg_path = dir.join("sealpost.toml");
-        std::fs::write(
-            &cfg_path,
-            format!(
-                "[server]\nhostname = \"relay.unit.test\"\nstate_dir = \"{}\"\n\n[[listeners]]\naddress = \"127.0.0.1:2587\"\nmode = \"starttls\"\n",
-                dir.display()
-            ),
-        )
-        .unwrap();
-        let config =
-            sealpost_config::Config::load_with_env_prefix(&cfg_path, "SEALPOST_UNIT_TEST_NONE_")
-                .unwrap();
-        let key = dir.join("queue.key");
-        Keyring::generate(&key).unwrap();
-        let queue = Queue::open(
-            QueueOptions {
-                dir: dir.join("queue"),
-                retry: vec![Duration::from_secs(60)],
-                lifetime: Duration::from_secs(3600),
-                lease: Duration::from_secs(60),
-            },
-            Keyring::load(&key, &[]).unwrap(),
-        )
-        .unwrap();
-        let audit_path = dir.join("audit").join("audit.jsonl");
-        let audit = AuditLog::open(AuditOptions::new(&audit_path)).unwrap();
-        let engine = Engine::new(&config, queue.clone(), audit).unwrap();
-        (engine, queue, audit_path)
+        crate::engine::test_engine::engine_in(dir, "", Duration::from_secs(60))
     }
 
     async fn leased(queue: &Queue, sender: &str, policy: &str) -> Lease {

@@ -1,0 +1,43 @@
+//! An engine on a real queue and audit log, for the engine's tests.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sealpost_audit::{AuditLog, AuditOptions};
+use sealpost_queue::{Keyring, Queue, QueueOptions};
+
+use super::Engine;
+
+/// An engine in `dir` with `extra` appended to a minimal config; `hold` is both the retry
+/// interval and the lease. Returns the engine, its queue and the audit log's path.
+pub(super) fn engine_in(dir: &Path, extra: &str, hold: Duration) -> (Engine, Queue, PathBuf) {
+    let cfg_path = dir.join("sealpost.toml");
+    std::fs::write(
+        &cfg_path,
+        format!(
+            "[server]\nhostname = \"relay.unit.test\"\nstate_dir = \"{}\"\n\n\
+             [[listeners]]\naddress = \"127.0.0.1:2587\"\nmode = \"starttls\"\n\n{extra}",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    let config =
+        sealpost_config::Config::load_with_env_prefix(&cfg_path, "SEALPOST_UNIT_TEST_NONE_")
+            .unwrap();
+    let key = dir.join("queue.key");
+    Keyring::generate(&key).unwrap();
+    let queue = Queue::open(
+        QueueOptions {
+            dir: dir.join("queue"),
+            retry: vec![hold],
+            lifetime: Duration::from_secs(3600),
+            lease: hold,
+        },
+        Keyring::load(&key, &[]).unwrap(),
+    )
+    .unwrap();
+    let audit_path = dir.join("audit").join("audit.jsonl");
+    let audit = AuditLog::open(AuditOptions::new(&audit_path)).unwrap();
+    let engine = Engine::new(&config, queue.clone(), audit).unwrap();
+    (engine, queue, audit_path)
+}
