@@ -28,7 +28,7 @@ pub struct Row {
     /// master and its children, sampled every 100 ms).
     pub peak_rss_kb: u64,
     /// Peak of the summed proportional set size (shared pages divided among the processes
-    /// sharing them), sampled every 100 ms; end-to-end rows only.
+    /// sharing them), sampled every 100 ms; Postfix's end-to-end rows only.
     pub peak_pss_kb: Option<u64>,
     /// CPU seconds (user + system, reaped children included) from load start to last delivery.
     pub cpu_secs: f64,

@@ -218,19 +218,22 @@ impl Env {
         let cpu0 = group_cpu_secs(pid)?;
         let own0 = own_cpu_secs();
         let hs0 = self.sink.handshakes();
-        let sampler = PeakSampler::start(pid);
+        // Only a process group needs sampling; a single process keeps its own peak (VmHWM).
+        // Sampling costs the machine CPU: each `smaps_rollup` read walks the page tables.
+        let sampler = group_rss.then(|| PeakSampler::start(pid));
         let report = load::run(lo).await?;
         self.wait_delivered(&tag, report.accepted, label).await?;
         let cpu1 = group_cpu_secs(pid)?;
-        let (sampled, pss) = sampler.finish();
-        let peak_kb = if group_rss {
-            sampled
-        } else {
-            status_kb(pid, "VmHWM").unwrap_or(sampled)
+        let (peak_kb, pss) = match sampler {
+            Some(sampler) => {
+                let (rss, pss) = sampler.finish();
+                (rss, Some(pss))
+            }
+            None => (status_kb(pid, "VmHWM").unwrap_or(0), None),
         };
         let sink = self.sink.report(&tag);
         let mut row = Row::new(label, system, report, Some(sink), peak_kb, cpu1 - cpu0);
-        row.peak_pss_kb = Some(pss);
+        row.peak_pss_kb = pss;
         row.bench_cpu_secs = own_cpu_secs() - own0;
         row.tls_handshakes = Some(self.sink.handshakes() - hs0);
         row.loadavg = (load0, crate::procfs::loadavg());
