@@ -67,7 +67,7 @@ mod writer;
 
 pub use error::AuditError;
 pub use line::{check_line, LineError, Sealed, GENESIS_PREV};
-pub use record::{Event, Record};
+pub use record::{Event, Json, Record};
 pub use verify::{verify, verify_with, VerifyError, VerifyOptions, VerifyReport};
 pub use writer::{AuditLog, AuditOptions, Durable, DEFAULT_ROTATE_BYTES};
 #[cfg(test)]

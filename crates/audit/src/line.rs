@@ -7,7 +7,7 @@ use chrono::{DateTime, FixedOffset};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::record::{Event, Record};
+use crate::record::{Event, Json, Record};
 
 /// The `prev` of the very first record: 64 zeros.
 pub const GENESIS_PREV: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -73,7 +73,7 @@ struct Unsealed<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     ip: Option<IpAddr>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    tls: Option<&'a Value>,
+    tls: Option<&'a Json>,
     #[serde(skip_serializing_if = "Map::is_empty")]
     detail: &'a Map<String, Value>,
 }
@@ -226,6 +226,37 @@ mod tests {
         );
         assert!(line.starts_with(&expected_prefix), "{line}");
         assert_eq!(line, format!("{expected_prefix}{hash}\"}}\n"));
+    }
+
+    #[test]
+    fn evidence_serialised_once_is_written_as_a_value_would_be() {
+        // a struct whose fields are not in key order, with nesting, escapes and numbers
+        #[derive(Serialize)]
+        struct Facts {
+            version: &'static str,
+            chain: Vec<&'static str>,
+            alpn: Option<&'static str>,
+            bits: u32,
+            detail: &'static str,
+        }
+        let facts = Facts {
+            version: "TLSv1_3",
+            chain: vec!["ab", "cd"],
+            alpn: None,
+            bits: 256,
+            detail: "quote \" and \u{e9}",
+        };
+        let once = Json::of(&facts);
+        let via_value = serde_json::to_value(&facts).unwrap();
+        let (a, _) = sealed_line(&Record::new(Event::Attempt).tls(once.clone()));
+        let (b, _) = sealed_line(&Record::new(Event::Attempt).tls(via_value));
+        assert_eq!(a, b);
+        assert!(
+            a.contains(r#""tls":{"alpn":null,"bits":256,"chain":["ab","cd"],"detail":"#),
+            "{a}"
+        );
+        // and the line checks as any other
+        check_line(a.trim_end().as_bytes()).unwrap();
     }
 
     #[test]

@@ -2,8 +2,10 @@
 
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Serialize, Serializer};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 /// The kind of decision or action an audit record documents.
@@ -90,9 +92,50 @@ pub struct Record {
     /// The IP address connected to for a delivery attempt.
     pub ip: Option<IpAddr>,
     /// The TLS evidence of a delivery attempt, already serialised by the policy crate.
-    pub tls: Option<Value>,
+    pub tls: Option<Json>,
     /// Event-specific facts (sizes, counts, policy, step, reason, remote reply, admin action).
     pub detail: Map<String, Value>,
+}
+
+/// A JSON value serialised once, for a fact many records repeat (a connection's TLS evidence):
+/// cloning shares the text, and a record writes it as it is.
+#[derive(Debug, Clone)]
+pub struct Json(Arc<RawValue>);
+
+impl Json {
+    /// `value` as a record would write it; `null` if it cannot be serialised.
+    pub fn of<T: Serialize + ?Sized>(value: &T) -> Json {
+        // through a `Value`, so the bytes are the same as a `Value` field's (object keys sorted)
+        serde_json::to_value(value)
+            .map(Json::from)
+            .unwrap_or_else(|_| Json::from(Value::Null))
+    }
+
+    /// The serialised text.
+    pub fn text(&self) -> &str {
+        self.0.get()
+    }
+}
+
+impl From<Value> for Json {
+    fn from(value: Value) -> Json {
+        // a `Value` always serialises (its keys are strings); `null` keeps this total
+        Json(Arc::from(
+            serde_json::value::to_raw_value(&value).unwrap_or_default(),
+        ))
+    }
+}
+
+impl PartialEq for Json {
+    fn eq(&self, other: &Json) -> bool {
+        self.text() == other.text()
+    }
+}
+
+impl Serialize for Json {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
 }
 
 impl Record {
@@ -148,8 +191,8 @@ impl Record {
     }
 
     /// Sets the serialised TLS evidence.
-    pub fn tls(mut self, tls: Value) -> Record {
-        self.tls = Some(tls);
+    pub fn tls(mut self, tls: impl Into<Json>) -> Record {
+        self.tls = Some(tls.into());
         self
     }
 
@@ -208,7 +251,10 @@ mod tests {
         assert_eq!(rec.recipient.as_deref(), Some("a@example.org"));
         assert_eq!(rec.mx.as_deref(), Some("mx.example.org"));
         assert_eq!(rec.ip, Some("2001:db8::1".parse().unwrap()));
-        assert_eq!(rec.tls, Some(serde_json::json!({"version": "TLSv1_3"})));
+        assert_eq!(
+            rec.tls.as_ref().map(Json::text),
+            Some(r#"{"version":"TLSv1_3"}"#)
+        );
         assert_eq!(rec.detail.get("size"), Some(&Value::from(123)));
         assert_eq!(rec.detail.get("policy"), Some(&Value::from("phi")));
     }

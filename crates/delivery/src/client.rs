@@ -3,8 +3,10 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::OnceLock;
 use std::time::Duration;
 
+use sealpost_audit::Json;
 use sealpost_policy::{connector, judge, AcceptedPeer, Evidence, PolicySpec, TrustStore, Verdict};
 use sealpost_smtp::{
     mail_from_line, rcpt_to_line, read_reply, write_data, BodyType, EhloInfo, LineReader,
@@ -187,6 +189,9 @@ pub struct Session {
     /// False once the session may be out of step with the server (a failed RSET, a reply
     /// that does not fit the command): it must not carry another transaction.
     in_step: bool,
+    /// The evidence as audit records carry it, serialised on first use (once per connection,
+    /// not once per message).
+    evidence_json: OnceLock<Json>,
 }
 
 impl std::fmt::Debug for Session {
@@ -351,6 +356,7 @@ pub async fn open_at(
         settings: settings.clone(),
         transactions: 0,
         in_step: true,
+        evidence_json: OnceLock::new(),
     })
 }
 
@@ -432,6 +438,13 @@ impl Session {
     /// The evidence of the handshake that authorised this session.
     pub fn evidence(&self) -> &Evidence {
         self.peer.evidence()
+    }
+
+    /// [`Session::evidence`] as audit records carry it.
+    pub fn evidence_json(&self) -> Json {
+        self.evidence_json
+            .get_or_init(|| Json::of(self.peer.evidence()))
+            .clone()
     }
 
     /// The MX host name.

@@ -10,9 +10,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use sealpost_audit::{AuditLog, Event, Record};
+use sealpost_audit::{AuditLog, Event, Json, Record};
 use sealpost_config::{Config, FallbackStep, Policy};
-use sealpost_policy::{Evidence, PolicySpec, TlsRequirement, TrustStore};
+use sealpost_policy::{Evidence, PolicySpec, TlsRequirement, TrustStore, Verdict};
 use sealpost_queue::{DueNow, Lease, LeasedRecipient, Outcome, Queue, QueueId};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
@@ -353,8 +353,9 @@ impl Engine {
     }
 }
 
-/// Counts what an audit record says happened (`/metrics`): recipient outcomes and TLS verdicts.
-fn count(rec: &Record) {
+/// Counts what an audit record says happened (`/metrics`): recipient outcomes and TLS verdicts
+/// (`verdict` is the one of the evidence an attempt record carries; none counts as unknown).
+fn count(rec: &Record, verdict: Option<Verdict>) {
     use sealpost_audit::Event as E;
     match rec.event {
         E::Delivered | E::Deferred | E::Diverted | E::Bounced | E::Expired | E::Dropped => {
@@ -362,13 +363,7 @@ fn count(rec: &Record) {
                 .increment(1);
         }
         E::Attempt => {
-            let verdict = rec
-                .tls
-                .as_ref()
-                .and_then(|t| t.get("reason"))
-                .and_then(|v| v.as_str())
-                .unwrap_or("unknown")
-                .to_string();
+            let verdict = verdict.map_or("unknown", Verdict::as_str);
             metrics::counter!("sealpost_tls_verdicts_total", "verdict" => verdict).increment(1);
         }
         _ => {}
@@ -391,8 +386,8 @@ fn domain_of(address: &str) -> Option<String> {
     (!domain.is_empty()).then_some(domain)
 }
 
-fn evidence_json(evidence: &Evidence) -> serde_json::Value {
-    serde_json::to_value(evidence).unwrap_or(serde_json::Value::Null)
+fn evidence_json(evidence: &Evidence) -> Json {
+    Json::of(evidence)
 }
 
 impl Inner {
@@ -442,7 +437,16 @@ impl Inner {
     /// Records an audit event. Events of a message are only submitted here; [`Inner::complete`]
     /// waits until they are on disk before it records the outcomes in the queue.
     async fn audit(&self, rec: Record) {
-        count(&rec);
+        self.audit_counted(rec, None).await;
+    }
+
+    /// Audits an attempt record with the TLS evidence (`tls`) whose verdict is `verdict`.
+    async fn audit_tls(&self, rec: Record, tls: Json, verdict: Verdict) {
+        self.audit_counted(rec.tls(tls), Some(verdict)).await;
+    }
+
+    async fn audit_counted(&self, rec: Record, verdict: Option<Verdict>) {
+        count(&rec, verdict);
         let Some(id) = rec.queue_id.clone() else {
             if let Err(e) = self.audit.record(rec).await {
                 tracing::error!(error = %e, "AUDIT LOG WRITE FAILED");
@@ -767,18 +771,24 @@ impl Inner {
         };
         if let Some(session) = self.pool.take(&key) {
             tracing::debug!(queue_id = %lease.id, mx, transactions = session.transactions(), "reusing verified connection");
-            self.audit(reused_attempt(lease, mx, ip).tls(evidence_json(session.evidence())))
-                .await;
+            let verdict = session.evidence().reason;
+            self.audit_tls(
+                reused_attempt(lease, mx, ip),
+                session.evidence_json(),
+                verdict,
+            )
+            .await;
             return Ok((session, key));
         }
         match open(&self.settings, &self.trust, &policy.spec, mx, ip).await {
             Ok(session) => {
-                self.audit(
+                self.audit_tls(
                     Record::new(Event::Attempt)
                         .queue_id(lease.id.to_string())
                         .mx(mx.to_owned())
-                        .ip(ip)
-                        .tls(evidence_json(session.evidence())),
+                        .ip(ip),
+                    session.evidence_json(),
+                    session.evidence().reason,
                 )
                 .await;
                 Ok((session, key))
@@ -794,25 +804,27 @@ impl Inner {
                         .map(|d| format!(" ({d})"))
                         .unwrap_or_default()
                 );
-                self.audit(
+                self.audit_tls(
                     Record::new(Event::Attempt)
                         .queue_id(lease.id.to_string())
                         .mx(mx.to_owned())
-                        .ip(ip)
-                        .tls(evidence_json(&evidence)),
+                        .ip(ip),
+                    evidence_json(&evidence),
+                    evidence.reason,
                 )
                 .await;
                 Err((summary, evidence))
             }
             Err(OpenError::Session { evidence, detail }) => {
                 tracing::warn!(queue_id = %lease.id, mx, %ip, detail, "session failed after a verified handshake");
-                self.audit(
+                self.audit_tls(
                     Record::new(Event::Attempt)
                         .queue_id(lease.id.to_string())
                         .mx(mx.to_owned())
                         .ip(ip)
-                        .tls(evidence_json(&evidence))
                         .detail("error", detail.clone()),
+                    evidence_json(&evidence),
+                    evidence.reason,
                 )
                 .await;
                 Err((format!("{mx} [{ip}]: {detail}"), evidence))

@@ -114,20 +114,22 @@ impl Inner {
         .await
         {
             Ok(session) => {
-                self.audit(base.tls(evidence_json(session.evidence())))
-                    .await;
+                let verdict = session.evidence().reason;
+                self.audit_tls(base, session.evidence_json(), verdict).await;
                 Ok(session)
             }
             Err(OpenError::Rejected(evidence)) => {
                 tracing::warn!(queue_id = %lease.id, smarthost = %target.name, %ip, verdict = %evidence.reason, "smarthost did not pass the policy");
-                self.audit(base.tls(evidence_json(&evidence))).await;
+                self.audit_tls(base, evidence_json(&evidence), evidence.reason)
+                    .await;
                 Err(format!("{} [{ip}]: {}", target.host, evidence.reason))
             }
             Err(OpenError::Session { evidence, detail }) => {
                 tracing::warn!(queue_id = %lease.id, smarthost = %target.name, %ip, detail, "smarthost session failed after a verified handshake");
-                self.audit(
-                    base.tls(evidence_json(&evidence))
-                        .detail("error", detail.clone()),
+                self.audit_tls(
+                    base.detail("error", detail.clone()),
+                    evidence_json(&evidence),
+                    evidence.reason,
                 )
                 .await;
                 Err(format!("{} [{ip}]: {detail}", target.host))
