@@ -1,6 +1,6 @@
 //! The DATA phase: reading a dot-stuffed message (server) and writing one (client).
 
-use std::io;
+use std::io::{self, IoSlice};
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
@@ -161,7 +161,9 @@ async fn read_lines<S: AsyncRead + Unpin>(
 /// Sends a message dot-stuffed and terminated by `.\r\n`, adding a final CRLF if missing.
 ///
 /// The message must use CRLF line endings only; a bare CR or LF is refused with
-/// `InvalidInput` before anything is written. Writes in chunks of about 64 KiB and flushes.
+/// `InvalidInput` before anything is written. A writer with vectored writes gets the message's
+/// own bytes, with the stuffing dots between them (no copy); any other writer gets chunks of
+/// about 64 KiB. Flushes at the end.
 pub async fn write_data<W: AsyncWrite + Unpin>(w: &mut W, message: &[u8]) -> io::Result<()> {
     if !only_crlf(message) {
         return Err(io::Error::new(
@@ -172,22 +174,68 @@ pub async fn write_data<W: AsyncWrite + Unpin>(w: &mut W, message: &[u8]) -> io:
     // Every LF is preceded by CR (checked above), so a line starts at 0 and after each LF:
     // the lines to stuff start at 0 if it holds a dot, and one past each "\n.".
     let first = (message.first() == Some(&b'.')).then_some(0);
-    let dots = memchr::memmem::find_iter(message, b"\n.").map(|lf| lf + 1);
-    // the runs and the end, no more than a chunk at a time (a few dot lines may grow it once)
-    let mut out = Vec::with_capacity(message.len().min(WRITE_CHUNK) + 8);
-    let mut start = 0;
-    for dot in first.into_iter().chain(dots) {
-        put(w, &mut out, message.get(start..dot).unwrap_or_default()).await?;
-        out.push(b'.');
-        start = dot;
+    let dots = first
+        .into_iter()
+        .chain(memchr::memmem::find_iter(message, b"\n.").map(|lf| lf + 1));
+    let end: &[u8] = if !message.is_empty() && !message.ends_with(b"\r\n") {
+        b"\r\n.\r\n"
+    } else {
+        b".\r\n"
+    };
+    if w.is_write_vectored() {
+        let mut parts = Vec::with_capacity(4);
+        let mut start = 0;
+        for dot in dots {
+            let run = message.get(start..dot).unwrap_or_default();
+            if !run.is_empty() {
+                parts.push(IoSlice::new(run));
+            }
+            parts.push(IoSlice::new(b"."));
+            start = dot;
+        }
+        let rest = message.get(start..).unwrap_or_default();
+        if !rest.is_empty() {
+            parts.push(IoSlice::new(rest));
+        }
+        parts.push(IoSlice::new(end));
+        write_all_vectored(w, &mut parts).await?;
+    } else {
+        // the runs and the end, no more than a chunk at a time (a few dot lines may grow it once)
+        let mut out = Vec::with_capacity(message.len().min(WRITE_CHUNK) + 8);
+        let mut start = 0;
+        for dot in dots {
+            put(w, &mut out, message.get(start..dot).unwrap_or_default()).await?;
+            out.push(b'.');
+            start = dot;
+        }
+        put(w, &mut out, message.get(start..).unwrap_or_default()).await?;
+        out.extend_from_slice(end);
+        w.write_all(&out).await?;
     }
-    put(w, &mut out, message.get(start..).unwrap_or_default()).await?;
-    if !message.is_empty() && !message.ends_with(b"\r\n") {
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b".\r\n");
-    w.write_all(&out).await?;
     w.flush().await
+}
+
+/// Most slices handed to one vectored write (Linux's `writev` takes up to 1,024).
+const MAX_SLICES: usize = 64;
+
+/// Writes every byte of `parts`, in vectored writes of up to [`MAX_SLICES`] slices.
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    mut parts: &mut [IoSlice<'_>],
+) -> io::Result<()> {
+    while !parts.is_empty() {
+        let window = parts.get(..MAX_SLICES).unwrap_or(parts);
+        let offered: usize = window.iter().map(|p| p.len()).sum();
+        let n = w.write_vectored(window).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        if n > offered {
+            return Err(io::Error::other("writer reported more bytes than offered"));
+        }
+        IoSlice::advance_slices(&mut parts, n);
+    }
+    Ok(())
 }
 
 /// Appends `run` to `out`, writing whenever `out` reaches [`WRITE_CHUNK`] bytes.
@@ -270,6 +318,81 @@ mod tests {
                 writer.writes,
                 writer.bytes.len()
             );
+        }
+    }
+
+    /// The same random messages through a writer with vectored writes that takes at most
+    /// `cap` bytes per call: the same bytes as the reference, and few calls when it takes all.
+    #[tokio::test]
+    async fn vectored_write_data_matches_the_line_by_line_reference() {
+        let mut rng = Rng(0x0D07_57AF_F1E5_0002);
+        for case in 0..400 {
+            let mut message = Vec::new();
+            let lines = rng.below(if case % 10 == 0 { 3000 } else { 30 });
+            for _ in 0..lines {
+                if rng.below(3) == 0 {
+                    message.push(b'.');
+                }
+                let len = match rng.below(20) {
+                    0 => rng.below(3 * WRITE_CHUNK as u64),
+                    1 => 0,
+                    _ => rng.below(100),
+                };
+                message.extend(std::iter::repeat_n(b"a.x"[rng.below(3)], len));
+                message.extend_from_slice(b"\r\n");
+            }
+            if rng.below(3) == 0 {
+                message.extend(std::iter::repeat_n(b'.', rng.below(3)));
+            }
+            // a byte per call only for short messages (it is slow in a debug build)
+            let cap = match case % 5 {
+                1 if message.len() <= 4096 => 1,
+                1 | 2 => 7 + message.len() / 64,
+                3 => 4096,
+                4 => WRITE_CHUNK,
+                _ => usize::MAX,
+            };
+            let mut writer = VectoredWriter::new(cap);
+            write_data(&mut writer, &message).await.unwrap();
+            assert_eq!(writer.bytes, stuffed_reference(&message), "case {case}");
+            assert!(writer.flushed);
+            if cap == usize::MAX {
+                // one slice per run and per dot, plus the end; MAX_SLICES of them per call
+                let dots = writer.bytes.len() - message.len();
+                assert!(
+                    writer.writes <= (2 * dots + 2).div_ceil(MAX_SLICES),
+                    "case {case}: {} writes",
+                    writer.writes
+                );
+            }
+        }
+    }
+
+    /// A message without lines to stuff goes out as its own bytes, not a copy, in one call.
+    #[tokio::test]
+    async fn vectored_write_data_sends_the_message_itself() {
+        let message = b"Subject: x\r\n\r\nbody\r\n".repeat(5000);
+        let mut writer = VectoredWriter::new(usize::MAX);
+        write_data(&mut writer, &message).await.unwrap();
+        assert_eq!(writer.writes, 1);
+        assert_eq!(
+            writer.first_slice,
+            Some((message.as_ptr() as usize, message.len()))
+        );
+        assert!(writer.bytes.ends_with(b"body\r\n.\r\n"));
+    }
+
+    /// A writer whose vectored writes return 0 or claim more than offered fails the send.
+    #[tokio::test]
+    async fn vectored_write_data_refuses_a_misbehaving_writer() {
+        for (claim, kind) in [
+            (0, io::ErrorKind::WriteZero),
+            (usize::MAX, io::ErrorKind::Other),
+        ] {
+            let mut writer = VectoredWriter::new(usize::MAX);
+            writer.claim = Some(claim);
+            let e = write_data(&mut writer, b"a\r\n").await.unwrap_err();
+            assert_eq!(e.kind(), kind);
         }
     }
 
@@ -901,6 +1024,75 @@ mod tests {
             self.writes += 1;
             self.bytes.extend_from_slice(buf);
             Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.flushed = true;
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A writer with vectored writes that takes at most `cap` bytes per call.
+    struct VectoredWriter {
+        cap: usize,
+        bytes: Vec<u8>,
+        writes: usize,
+        flushed: bool,
+        /// Address and length of the first slice of the first call.
+        first_slice: Option<(usize, usize)>,
+        /// Reports this count instead of what was taken.
+        claim: Option<usize>,
+    }
+
+    impl VectoredWriter {
+        fn new(cap: usize) -> VectoredWriter {
+            VectoredWriter {
+                cap,
+                bytes: Vec::new(),
+                writes: 0,
+                flushed: false,
+                first_slice: None,
+                claim: None,
+            }
+        }
+    }
+
+    impl AsyncWrite for VectoredWriter {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
+        }
+
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            self.writes += 1;
+            if self.first_slice.is_none() {
+                self.first_slice = bufs.first().map(|b| (b.as_ptr() as usize, b.len()));
+            }
+            let mut taken = 0;
+            for b in bufs {
+                let n = b.len().min(self.cap - taken);
+                self.bytes.extend_from_slice(&b[..n]);
+                taken += n;
+                if taken == self.cap {
+                    break;
+                }
+            }
+            Poll::Ready(Ok(self.claim.unwrap_or(taken)))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
         }
 
         fn poll_flush(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
