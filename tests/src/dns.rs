@@ -15,6 +15,8 @@ struct Zone {
     records: HashMap<(String, RecordType), Vec<RData>>,
     names: HashSet<String>,
     servfail: HashSet<String>,
+    /// TTL of every answer, seconds (`None`: 60).
+    ttl: Option<u32>,
 }
 
 /// A running DNS server; its tasks stop when the test's runtime ends.
@@ -158,6 +160,18 @@ impl DnsServer {
         self.address(host, IpAddr::V4(ip));
     }
 
+    /// Answers from now on carry a TTL of `secs` seconds (60 until set).
+    pub fn set_ttl(&self, secs: u32) {
+        let mut zone = self.zone.lock().unwrap_or_else(|p| p.into_inner());
+        zone.ttl = Some(secs);
+    }
+
+    /// Withdraws every `rtype` record of `owner` (the name stays, so it answers NODATA).
+    pub fn withdraw(&self, owner: &str, rtype: RecordType) {
+        let mut zone = self.zone.lock().unwrap_or_else(|p| p.into_inner());
+        zone.records.remove(&(key(owner), rtype));
+    }
+
     /// Makes every query for `name` answer SERVFAIL.
     pub fn servfail(&self, owner: &str) {
         let mut zone = self.zone.lock().unwrap_or_else(|p| p.into_inner());
@@ -197,8 +211,9 @@ fn answer(
     if zone.servfail.contains(&owner) {
         response.metadata.response_code = ResponseCode::ServFail;
     } else if let Some(data) = zone.records.get(&(owner.clone(), rtype)) {
+        let ttl = zone.ttl.unwrap_or(60);
         for d in data {
-            response.add_answer(Record::from_rdata(query.name().clone(), 60, d.clone()));
+            response.add_answer(Record::from_rdata(query.name().clone(), ttl, d.clone()));
         }
     } else {
         if !zone.names.contains(&owner) {

@@ -559,6 +559,52 @@ async fn a_cached_connection_the_mx_closed_is_replaced_at_once_with_pipelining()
     assert!(events_for(&lines, "deferred", "b@idle.test").is_empty());
 }
 
+/// The relay remembers MX and address answers (see dns.rs), but only for their TTL: once it has
+/// run out, a domain whose MX moved is delivered to the new MX.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mx_that_moved_is_followed_once_its_ttl_runs_out() {
+    let w = World::new().await;
+    w.dns.set_ttl(1);
+    let old_files = w.leaf("ttl-old", "mx.ttl.test");
+    let old = w
+        .receiver("ttl.test", 35, default_tls(&old_files), &[])
+        .await;
+    let new_host = "mx2.ttl.test";
+    let new_files = w.leaf("ttl-new", new_host);
+    let new = Receiver::start(
+        World::ip(36),
+        w.port,
+        new_host,
+        default_tls(&new_files),
+        &[],
+    )
+    .await;
+    let relay = w.relay();
+    let (_, first) = submit(&relay, &["a@ttl.test"], "One.\r\n").await;
+    wait_audit(&relay, 20, "first delivery", |lines| {
+        !events_for(lines, "delivered", "a@ttl.test").is_empty()
+    })
+    .await;
+    // the MX moves; the old one keeps running (and the relay keeps its connection to it)
+    w.dns
+        .withdraw("ttl.test", hickory_proto::rr::RecordType::MX);
+    w.dns.mx("ttl.test", 10, new_host);
+    w.dns.address(new_host, World::ip(36));
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let (_, second) = submit(&relay, &["b@ttl.test"], "Two.\r\n").await;
+    wait_audit(&relay, 20, "second delivery", |lines| {
+        !events_for(lines, "delivered", "b@ttl.test").is_empty()
+    })
+    .await;
+    let got_old = old.received();
+    assert_eq!(got_old.len(), 1, "{got_old:?}");
+    assert_byte_exact(&got_old[0].data, &first);
+    let got_new = new.received();
+    assert_eq!(got_new.len(), 1, "{got_new:?}");
+    assert_eq!(got_new[0].rcpt_to, ["b@ttl.test"]);
+    assert_byte_exact(&got_new[0].data, &second);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dns_outcomes_and_per_recipient_results() {
     let w = World::new().await;

@@ -1,7 +1,10 @@
 //! MX resolution (RFC 5321 §5.1, RFC 7505 null MX) and MX host address lookup.
 
+use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use hickory_resolver::config::{
     LookupIpStrategy, NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts,
@@ -54,6 +57,56 @@ pub enum HostAddrs {
 #[derive(Clone)]
 pub struct MxResolver {
     inner: TokioResolver,
+    /// MX records by domain, until their TTL runs out.
+    mx_memo: Arc<Memo<String, Vec<(u16, String)>>>,
+    /// Addresses by host, until their TTL runs out.
+    ip_memo: Arc<Memo<String, Vec<IpAddr>>>,
+}
+
+/// Most names each memo holds; past it, expired entries go, and if none had, all go.
+const MEMO_ENTRIES: usize = 4096;
+
+/// Positive answers kept until their TTL runs out. hickory caches them too, but a cached
+/// lookup still copies the whole DNS message and goes through the resolver's machinery, which
+/// cost ~3% of the relay's CPU with every message to a busy domain looking up its MX and its
+/// addresses. Failures and negative answers are not kept (hickory's cache has those).
+#[derive(Debug)]
+struct Memo<K, V> {
+    entries: Mutex<HashMap<K, (V, Instant)>>,
+    max: usize,
+}
+
+impl<K: Eq + Hash, V: Clone> Memo<K, V> {
+    fn new(max: usize) -> Memo<K, V> {
+        Memo {
+            entries: Mutex::new(HashMap::new()),
+            max,
+        }
+    }
+
+    /// The value of `key` if it is still valid at `now`.
+    fn get(&self, key: &K, now: Instant) -> Option<V> {
+        let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        entries
+            .get(key)
+            .filter(|(_, until)| *until > now)
+            .map(|(value, _)| value.clone())
+    }
+
+    /// Keeps `value` for `key` until `until` (nothing if that is not after `now`).
+    fn put(&self, key: K, value: V, until: Instant, now: Instant) {
+        if until <= now {
+            return;
+        }
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        if entries.len() >= self.max && !entries.contains_key(&key) {
+            entries.retain(|_, (_, u)| *u > now);
+            if entries.len() >= self.max {
+                entries.clear();
+            }
+        }
+        entries.insert(key, (value, until));
+    }
 }
 
 impl std::fmt::Debug for MxResolver {
@@ -94,11 +147,19 @@ impl MxResolver {
         let inner = builder
             .build()
             .map_err(|e| DeliveryError::Resolver(e.to_string()))?;
-        Ok(MxResolver { inner })
+        Ok(MxResolver {
+            inner,
+            mx_memo: Arc::new(Memo::new(MEMO_ENTRIES)),
+            ip_memo: Arc::new(Memo::new(MEMO_ENTRIES)),
+        })
     }
 
     /// The mail exchangers of `domain`.
     pub async fn mx(&self, domain: &str) -> MxAnswer {
+        let key = host_name(domain);
+        if let Some(records) = self.mx_memo.get(&key, Instant::now()) {
+            return order_mx(records, &mut rand::rng());
+        }
         let fqdn = absolute(domain);
         match self.inner.mx_lookup(fqdn.as_str()).await {
             Ok(lookup) => {
@@ -110,6 +171,11 @@ impl MxResolver {
                         _ => None,
                     })
                     .collect();
+                if !records.is_empty() {
+                    let until = lookup.valid_until();
+                    self.mx_memo
+                        .put(key, records.clone(), until, Instant::now());
+                }
                 order_mx(records, &mut rand::rng())
             }
             Err(e) if e.is_nx_domain() => MxAnswer::NoSuchDomain(format!("{domain}: NXDOMAIN")),
@@ -133,6 +199,10 @@ impl MxResolver {
 
     /// The A and AAAA addresses of an MX host.
     pub async fn addresses(&self, host: &str) -> HostAddrs {
+        let key = host_name(host);
+        if let Some(ips) = self.ip_memo.get(&key, Instant::now()) {
+            return HostAddrs::Found(ips);
+        }
         let fqdn = absolute(host);
         match self.inner.lookup_ip(fqdn.as_str()).await {
             Ok(found) => {
@@ -141,6 +211,8 @@ impl MxResolver {
                 if ips.is_empty() {
                     HostAddrs::None(format!("{host}: no A/AAAA records"))
                 } else {
+                    self.ip_memo
+                        .put(key, ips.clone(), found.valid_until(), Instant::now());
                     HostAddrs::Found(ips)
                 }
             }
@@ -260,6 +332,46 @@ mod tests {
             3,
             "every equal-preference MX should come first sometimes"
         );
+    }
+
+    #[test]
+    fn memo_keeps_answers_until_their_ttl_runs_out() {
+        let memo = Memo::new(3);
+        let now = Instant::now();
+        let later = |s| now + Duration::from_secs(s);
+        memo.put("a".to_owned(), 1, later(10), now);
+        assert_eq!(memo.get(&"a".to_owned(), now), Some(1));
+        assert_eq!(memo.get(&"a".to_owned(), later(9)), Some(1));
+        // valid *until*: gone at the deadline and after it
+        assert_eq!(memo.get(&"a".to_owned(), later(10)), None);
+        assert_eq!(memo.get(&"a".to_owned(), later(11)), None);
+        // an answer already expired (TTL 0) is not kept
+        memo.put("z".to_owned(), 9, now, now);
+        assert_eq!(memo.get(&"z".to_owned(), now), None);
+        assert_eq!(memo.get(&"b".to_owned(), now), None);
+    }
+
+    #[test]
+    fn memo_stays_bounded() {
+        let memo = Memo::new(3);
+        let now = Instant::now();
+        let later = |s| now + Duration::from_secs(s);
+        memo.put("a".to_owned(), 1, later(5), now);
+        memo.put("b".to_owned(), 2, later(50), now);
+        memo.put("c".to_owned(), 3, later(50), now);
+        // full: at t+6 the expired "a" makes room and the live ones stay
+        memo.put("d".to_owned(), 4, later(50), later(6));
+        let len = |m: &Memo<String, i32>| m.entries.lock().unwrap().len();
+        assert_eq!(len(&memo), 3);
+        assert_eq!(memo.get(&"b".to_owned(), later(6)), Some(2));
+        assert_eq!(memo.get(&"d".to_owned(), later(6)), Some(4));
+        // full of live entries: they all go, and the new one is kept
+        memo.put("e".to_owned(), 5, later(50), later(6));
+        assert_eq!(len(&memo), 1);
+        assert_eq!(memo.get(&"e".to_owned(), later(6)), Some(5));
+        // replacing a name does not evict
+        memo.put("e".to_owned(), 6, later(50), later(6));
+        assert_eq!(memo.get(&"e".to_owned(), later(6)), Some(6));
     }
 
     #[test]
