@@ -260,8 +260,8 @@ impl Inner {
 
     /// Removes a message (record and body).
     pub(crate) fn delete(&self, id: QueueId) -> Result<(), QueueError> {
-        self.store.write("deleting a message", |txn| {
-            if remove_message(txn, id)? {
+        self.store.write("deleting a message", |t| {
+            if remove_message(t, id)? {
                 Ok(())
             } else {
                 Err(QueueError::NotFound(id))

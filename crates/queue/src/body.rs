@@ -9,20 +9,21 @@
 //! in `BODY`; they are still read, rewritten as chunks if re-keyed, and removed with their
 //! message.
 
-use redb::{ReadableTable, WriteTransaction};
+use redb::ReadableTable;
 
 use crate::error::QueueError;
 use crate::id::QueueId;
-use crate::store::{op_err, table_err, BODY, BODY_CHUNKS};
+use crate::store::op_err;
+use crate::tables::Tables;
 
 /// Largest chunk of a sealed body, in bytes: with its leaf's header it fits a 256 KiB page run.
 /// Tried: 32 KiB chunks also stop the growth, but their per-entry cost lowers throughput.
 pub(crate) const CHUNK: usize = 256 * 1024 - 512;
 
 /// Stores a sealed body as chunks.
-pub(crate) fn put(txn: &WriteTransaction, id: QueueId, sealed: &[u8]) -> Result<(), QueueError> {
+pub(crate) fn put(t: &mut Tables<'_>, id: QueueId, sealed: &[u8]) -> Result<(), QueueError> {
     let ctx = "storing a body";
-    let mut chunks = txn.open_table(BODY_CHUNKS).map_err(table_err(ctx))?;
+    let chunks = t.chunks(ctx)?;
     for (index, chunk) in (0u32..).zip(sealed.chunks(CHUNK)) {
         chunks
             .insert((id.as_u128(), index), chunk)
@@ -59,34 +60,25 @@ pub(crate) fn get(
 }
 
 /// The sealed body of `id` inside a write transaction, if stored.
-pub(crate) fn get_in(txn: &WriteTransaction, id: QueueId) -> Result<Option<Vec<u8>>, QueueError> {
-    let ctx = "reading a body";
-    let chunks = txn.open_table(BODY_CHUNKS).map_err(table_err(ctx))?;
-    let legacy = txn.open_table(BODY).map_err(table_err(ctx))?;
-    get(&chunks, &legacy, id)
+pub(crate) fn get_in(t: &mut Tables<'_>, id: QueueId) -> Result<Option<Vec<u8>>, QueueError> {
+    let (chunks, legacy) = t.bodies("reading a body")?;
+    get(chunks, legacy, id)
 }
 
 /// Removes the body of `id` (chunks and legacy value).
-pub(crate) fn remove(txn: &WriteTransaction, id: QueueId) -> Result<(), QueueError> {
+pub(crate) fn remove(t: &mut Tables<'_>, id: QueueId) -> Result<(), QueueError> {
     let ctx = "removing a body";
     let key = id.as_u128();
-    txn.open_table(BODY_CHUNKS)
-        .map_err(table_err(ctx))?
+    let (chunks, legacy) = t.bodies(ctx)?;
+    chunks
         .retain_in((key, 0)..=(key, u32::MAX), |_, _| false)
         .map_err(op_err(ctx))?;
-    txn.open_table(BODY)
-        .map_err(table_err(ctx))?
-        .remove(key)
-        .map_err(op_err(ctx))?;
+    legacy.remove(key).map_err(op_err(ctx))?;
     Ok(())
 }
 
 /// Replaces the body of `id` with `sealed`, as chunks.
-pub(crate) fn replace(
-    txn: &WriteTransaction,
-    id: QueueId,
-    sealed: &[u8],
-) -> Result<(), QueueError> {
-    remove(txn, id)?;
-    put(txn, id, sealed)
+pub(crate) fn replace(t: &mut Tables<'_>, id: QueueId, sealed: &[u8]) -> Result<(), QueueError> {
+    remove(t, id)?;
+    put(t, id, sealed)
 }

@@ -20,7 +20,8 @@ use tokio::sync::oneshot;
 
 use crate::error::QueueError;
 use crate::id::QueueId;
-use crate::store::{op_err, table_err, Store, DUE, DUE_BY_ID, META};
+use crate::store::{op_err, table_err, Store, META};
+use crate::tables::Tables;
 
 /// Most bytes of sealed data written in one group transaction.
 const MAX_BATCH_BYTES: usize = 64 * 1024 * 1024;
@@ -32,7 +33,7 @@ pub(crate) type Job = Box<dyn Op>;
 pub(crate) trait Op: Send {
     /// Applies the write to `txn`; an error aborts the whole transaction. May run again after an
     /// abort, always on a fresh transaction.
-    fn apply(&mut self, txn: &redb::WriteTransaction) -> Result<(), QueueError>;
+    fn apply(&mut self, t: &mut Tables<'_>) -> Result<(), QueueError>;
     /// Reports the outcome once the transaction holding the last `apply` committed or failed.
     fn finish(self: Box<Self>, result: Result<(), QueueError>);
     /// Bytes this write adds to the transaction (bounds a group's size).
@@ -45,7 +46,7 @@ pub(crate) trait Op: Send {
         false
     }
     /// Takes this write out again, for a write that landed but is refused (see `Residue`).
-    fn undo(&self, _txn: &redb::WriteTransaction) -> Result<(), QueueError> {
+    fn undo(&self, _t: &mut Tables<'_>) -> Result<(), QueueError> {
         Ok(())
     }
 }
@@ -60,8 +61,8 @@ pub(crate) struct Insert {
 }
 
 impl Op for Insert {
-    fn apply(&mut self, txn: &redb::WriteTransaction) -> Result<(), QueueError> {
-        insert(txn, self)
+    fn apply(&mut self, t: &mut Tables<'_>) -> Result<(), QueueError> {
+        insert(t, self)
     }
 
     fn finish(self: Box<Self>, result: Result<(), QueueError>) {
@@ -83,8 +84,8 @@ impl Op for Insert {
             .unwrap_or(false)
     }
 
-    fn undo(&self, txn: &redb::WriteTransaction) -> Result<(), QueueError> {
-        crate::engine::remove_message(txn, self.id).map(drop)
+    fn undo(&self, t: &mut Tables<'_>) -> Result<(), QueueError> {
+        crate::engine::remove_message(t, self.id).map(drop)
     }
 }
 
@@ -98,7 +99,7 @@ pub(crate) struct Change<T, F> {
 impl<T, F> Change<T, F>
 where
     T: Send + 'static,
-    F: FnMut(&redb::WriteTransaction) -> Result<T, QueueError> + Send + 'static,
+    F: FnMut(&mut Tables<'_>) -> Result<T, QueueError> + Send + 'static,
 {
     /// A job running `run`, and the receiver of its committed result.
     pub(crate) fn job(run: F) -> (Job, oneshot::Receiver<Result<T, QueueError>>) {
@@ -115,10 +116,10 @@ where
 impl<T, F> Op for Change<T, F>
 where
     T: Send,
-    F: FnMut(&redb::WriteTransaction) -> Result<T, QueueError> + Send,
+    F: FnMut(&mut Tables<'_>) -> Result<T, QueueError> + Send,
 {
-    fn apply(&mut self, txn: &redb::WriteTransaction) -> Result<(), QueueError> {
-        match (self.run)(txn) {
+    fn apply(&mut self, t: &mut Tables<'_>) -> Result<(), QueueError> {
+        match (self.run)(t) {
             Ok(value) => {
                 self.value = Some(Ok(value));
                 Ok(())
@@ -219,9 +220,10 @@ fn run(store: &Store, rx: &mpsc::Receiver<Job>, max_batch: usize, commits: &Atom
 
 fn commit_batch(store: &Store, mut batch: Vec<Job>) {
     let failed_syncs = store.health().sync_failures();
-    let result = store.write("committing queue writes", |txn| {
+    // one set of open tables for the whole group
+    let result = store.write("committing queue writes", |t| {
         for job in &mut batch {
-            job.apply(txn)?;
+            job.apply(t)?;
         }
         Ok(())
     });
@@ -248,7 +250,7 @@ fn commit_batch(store: &Store, mut batch: Vec<Job>) {
         match residue(store, &*job, synced, &mut durable) {
             Residue::Durable => job.finish(Ok(())),
             Residue::Absent if rerun => {
-                let result = store.write("committing a queue write", |txn| job.apply(txn));
+                let result = store.write("committing a queue write", |t| job.apply(t));
                 job.finish(result);
             }
             Residue::Absent | Residue::Removed => job.finish(Err(take_or_copy(&mut err))),
@@ -276,7 +278,7 @@ fn residue(store: &Store, job: &dyn Op, synced: bool, durable: &mut Option<bool>
     if durable {
         return Residue::Durable;
     }
-    if let Err(e) = store.write("removing a write whose commit failed", |txn| job.undo(txn)) {
+    if let Err(e) = store.write("removing a write whose commit failed", |t| job.undo(t)) {
         tracing::error!(
             error = %e,
             "a refused queue write could not be removed; it may still be delivered"
@@ -307,10 +309,10 @@ fn copy(err: &QueueError) -> QueueError {
     }
 }
 
-fn insert(txn: &redb::WriteTransaction, job: &Insert) -> Result<(), QueueError> {
+fn insert(t: &mut Tables<'_>, job: &Insert) -> Result<(), QueueError> {
     let ctx = "committing enqueued messages";
     let id = job.id.as_u128();
-    let mut meta = txn.open_table(META).map_err(table_err(ctx))?;
+    let meta = t.meta(ctx)?;
     if meta.get(id).map_err(op_err(ctx))?.is_some() {
         return Err(QueueError::storage(
             ctx,
@@ -318,10 +320,9 @@ fn insert(txn: &redb::WriteTransaction, job: &Insert) -> Result<(), QueueError> 
         ));
     }
     meta.insert(id, job.meta.as_slice()).map_err(op_err(ctx))?;
-    crate::body::put(txn, job.id, &job.body)?;
-    let mut due = txn.open_table(DUE).map_err(table_err(ctx))?;
+    crate::body::put(t, job.id, &job.body)?;
+    let (due, due_by_id) = t.due_index(ctx)?;
     due.insert((job.due_ms, id), ()).map_err(op_err(ctx))?;
-    let mut due_by_id = txn.open_table(DUE_BY_ID).map_err(table_err(ctx))?;
     due_by_id.insert(id, job.due_ms).map_err(op_err(ctx))?;
     Ok(())
 }

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use redb::{ReadableTable, WriteTransaction};
+use redb::ReadableTable;
 use tokio::sync::Notify;
 
 use crate::body;
@@ -15,10 +15,8 @@ use crate::id::QueueId;
 use crate::keys::Keyring;
 use crate::record::{MessageRecord, RecipientState};
 use crate::schedule::{message_due_ms, retry_delay, to_ms};
-use crate::store::{
-    op_err, table_err, Store, BODY, BODY_CHUNKS, DUE, DUE_BY_ID, META, QUARANTINE_BODY,
-    QUARANTINE_META,
-};
+use crate::store::{op_err, table_err, Store, BODY, BODY_CHUNKS, DUE, META};
+use crate::tables::Tables;
 use crate::{Lease, Outcome, QueueOptions};
 
 /// Shared state behind a `Queue`.
@@ -108,13 +106,12 @@ impl Core {
     /// Loads a message record for update; a record failing authentication is quarantined.
     pub(crate) fn load(
         &self,
-        txn: &WriteTransaction,
+        t: &mut Tables<'_>,
         id: QueueId,
     ) -> Result<MessageRecord, QueueError> {
         let ctx = "loading a message";
         let sealed = {
-            let meta = txn.open_table(META).map_err(table_err(ctx))?;
-            let guard = meta.get(id.as_u128()).map_err(op_err(ctx))?;
+            let guard = t.meta(ctx)?.get(id.as_u128()).map_err(op_err(ctx))?;
             match guard {
                 Some(g) => g.value().to_vec(),
                 None => return Err(QueueError::NotFound(id)),
@@ -122,7 +119,7 @@ impl Core {
         };
         match self.unseal_meta(id, &sealed) {
             Err(QueueError::Integrity { id }) => {
-                quarantine(txn, id)?;
+                quarantine(t, id)?;
                 self.report_quarantined(id);
                 Err(QueueError::Integrity { id })
             }
@@ -133,12 +130,12 @@ impl Core {
     /// Stores an updated record, or removes the message when every recipient is final.
     pub(crate) fn save(
         &self,
-        txn: &WriteTransaction,
+        t: &mut Tables<'_>,
         id: QueueId,
         record: &MessageRecord,
     ) -> Result<(), QueueError> {
         if record.all_final() {
-            remove_message(txn, id)?;
+            remove_message(t, id)?;
             return Ok(());
         }
         let ctx = "saving a message";
@@ -147,17 +144,16 @@ impl Core {
             detail: e.to_string(),
         })?;
         let sealed = self.seal(id, Kind::Meta, &plain)?;
-        txn.open_table(META)
-            .map_err(table_err(ctx))?
+        t.meta(ctx)?
             .insert(id.as_u128(), sealed.as_slice())
             .map_err(op_err(ctx))?;
-        set_due(txn, id, message_due_ms(record))
+        set_due(t, id, message_due_ms(record))
     }
 
-    /// Leases the due recipients of up to `max` messages inside `txn`.
+    /// Leases the due recipients of up to `max` messages inside the transaction `t`.
     pub(crate) fn lease_due(
         &self,
-        txn: &WriteTransaction,
+        t: &mut Tables<'_>,
         now: SystemTime,
         max: usize,
     ) -> Result<Vec<Lease>, QueueError> {
@@ -166,8 +162,10 @@ impl Core {
         let lease_until = now + self.opts.lease;
         {
             let ids: Vec<QueueId> = {
-                let due = txn.open_table(DUE).map_err(table_err(ctx))?;
-                let range = due.range(..=(now_ms, u128::MAX)).map_err(op_err(ctx))?;
+                let range = t
+                    .due(ctx)?
+                    .range(..=(now_ms, u128::MAX))
+                    .map_err(op_err(ctx))?;
                 let mut ids = Vec::new();
                 for entry in range.take(max) {
                     let (key, _) = entry.map_err(op_err(ctx))?;
@@ -177,34 +175,34 @@ impl Core {
             };
             let mut leases = Vec::with_capacity(ids.len());
             for id in ids {
-                let mut record = match self.load(txn, id) {
+                let mut record = match self.load(t, id) {
                     Ok(r) => r,
                     Err(QueueError::Integrity { .. }) => continue,
                     Err(QueueError::UnknownKey { id, key_id }) => {
                         tracing::error!(queue_id = %id, key_id, "queued message needs a key that is not loaded; skipping it until the queue is reopened with that key");
-                        set_due(txn, id, None)?;
+                        set_due(t, id, None)?;
                         continue;
                     }
                     Err(e) => return Err(e),
                 };
                 let lease = record.lease(id, now_ms, lease_until);
-                self.save(txn, id, &record)?;
+                self.save(t, id, &record)?;
                 leases.extend(lease);
             }
             Ok(leases)
         }
     }
 
-    /// Records delivery outcomes inside `txn`; removes the message once every recipient is final.
+    /// Records delivery outcomes inside the transaction `t`; removes the message once every recipient is final.
     pub(crate) fn complete(
         &self,
-        txn: &WriteTransaction,
+        t: &mut Tables<'_>,
         id: QueueId,
         results: Vec<(usize, Outcome)>,
         now: SystemTime,
     ) -> Result<(), QueueError> {
         let retry = &self.opts.retry;
-        self.change(txn, id, move |record| {
+        self.change(t, id, move |record| {
             for (index, outcome) in results {
                 let rcpt = record
                     .recipients
@@ -254,14 +252,14 @@ impl Core {
         })
     }
 
-    /// Records inside `txn` that a delay notice was sent for the recipients at `indices`.
+    /// Records inside the transaction `t` that a delay notice was sent for the recipients at `indices`.
     pub(crate) fn mark_delay_notified(
         &self,
-        txn: &WriteTransaction,
+        t: &mut Tables<'_>,
         id: QueueId,
         indices: &[usize],
     ) -> Result<(), QueueError> {
-        self.change(txn, id, move |record| {
+        self.change(t, id, move |record| {
             for &index in indices {
                 record
                     .recipients
@@ -273,16 +271,16 @@ impl Core {
         })
     }
 
-    /// Loads, changes and saves one message inside `txn`.
+    /// Loads, changes and saves one message inside the transaction `t`.
     pub(crate) fn change<T>(
         &self,
-        txn: &WriteTransaction,
+        t: &mut Tables<'_>,
         id: QueueId,
         change: impl FnOnce(&mut MessageRecord) -> Result<T, QueueError>,
     ) -> Result<T, QueueError> {
-        let mut record = self.load(txn, id)?;
+        let mut record = self.load(t, id)?;
         let value = change(&mut record)?;
-        self.save(txn, id, &record)?;
+        self.save(t, id, &record)?;
         Ok(value)
     }
 }
@@ -296,13 +294,13 @@ impl Inner {
         change: impl FnOnce(&mut MessageRecord) -> Result<T, QueueError>,
     ) -> Result<T, QueueError> {
         self.store
-            .write(context, |txn| self.core.change(txn, id, change))
+            .write(context, |t| self.core.change(t, id, change))
     }
 
     /// Moves a message to quarantine in its own transaction.
     pub(crate) fn quarantine_now(&self, id: QueueId) -> Result<(), QueueError> {
         self.store
-            .write("quarantining a record", |txn| quarantine(txn, id))
+            .write("quarantining a record", |t| quarantine(t, id))
             .inspect(|_| self.core.report_quarantined(id))
     }
 
@@ -311,11 +309,11 @@ impl Inner {
     pub(crate) fn recover_leases(&self) -> Result<usize, QueueError> {
         let ctx = "recovering leases";
         let now = SystemTime::now();
-        self.store.write(ctx, |txn| {
-            let ids = all_ids(txn)?;
+        self.store.write(ctx, |t| {
+            let ids = all_ids(t)?;
             let mut recovered = 0;
             for id in ids {
-                let mut record = match self.core.load(txn, id) {
+                let mut record = match self.core.load(t, id) {
                     Ok(r) => r,
                     Err(QueueError::Integrity { .. }) => continue,
                     Err(e) => return Err(e),
@@ -329,18 +327,17 @@ impl Inner {
                     }
                 }
                 if changed {
-                    self.core.save(txn, id, &record)?;
+                    self.core.save(t, id, &record)?;
                 } else {
                     // the due index is derived data: make sure it matches the record
                     let wanted = message_due_ms(&record);
-                    let indexed = txn
-                        .open_table(DUE_BY_ID)
-                        .map_err(table_err(ctx))?
+                    let indexed = t
+                        .due_by_id(ctx)?
                         .get(id.as_u128())
                         .map_err(op_err(ctx))?
                         .map(|g| g.value());
                     if indexed != wanted {
-                        set_due(txn, id, wanted)?;
+                        set_due(t, id, wanted)?;
                     }
                 }
             }
@@ -410,19 +407,18 @@ impl Inner {
         let mut rekeyed = 0u64;
         progress(0, total);
         for chunk in ids.chunks(32) {
-            rekeyed += self.store.write(ctx, |txn| {
+            rekeyed += self.store.write(ctx, |t| {
                 let mut count = 0u64;
                 for &id in chunk {
                     let mut changed = false;
                     for kind in [Kind::Meta, Kind::Body] {
                         let sealed = match kind {
-                            Kind::Meta => txn
-                                .open_table(META)
-                                .map_err(table_err(ctx))?
+                            Kind::Meta => t
+                                .meta(ctx)?
                                 .get(id.as_u128())
                                 .map_err(op_err(ctx))?
                                 .map(|g| g.value().to_vec()),
-                            Kind::Body => body::get_in(txn, id)?,
+                            Kind::Body => body::get_in(t, id)?,
                         };
                         let Some(sealed) = sealed else { continue };
                         if crypto::key_id(&sealed) == Some(&primary[..]) {
@@ -431,7 +427,7 @@ impl Inner {
                         let plain = match self.core.unseal(id, kind, &sealed) {
                             Ok(p) => p,
                             Err(QueueError::Integrity { id }) => {
-                                quarantine(txn, id)?;
+                                quarantine(t, id)?;
                                 self.core.report_quarantined(id);
                                 break;
                             }
@@ -440,12 +436,11 @@ impl Inner {
                         let resealed = self.core.seal(id, kind, &plain)?;
                         match kind {
                             Kind::Meta => {
-                                txn.open_table(META)
-                                    .map_err(table_err(ctx))?
+                                t.meta(ctx)?
                                     .insert(id.as_u128(), resealed.as_slice())
                                     .map_err(op_err(ctx))?;
                             }
-                            Kind::Body => body::replace(txn, id, &resealed)?,
+                            Kind::Body => body::replace(t, id, &resealed)?,
                         }
                         changed = true;
                     }
@@ -484,9 +479,9 @@ pub(crate) fn due_now(previous: Option<RecipientState>, now: SystemTime) -> Reci
 }
 
 /// Every queued message id.
-pub(crate) fn all_ids(txn: &WriteTransaction) -> Result<Vec<QueueId>, QueueError> {
+pub(crate) fn all_ids(t: &mut Tables<'_>) -> Result<Vec<QueueId>, QueueError> {
     let ctx = "listing messages";
-    let meta = txn.open_table(META).map_err(table_err(ctx))?;
+    let meta = t.meta(ctx)?;
     let mut ids = Vec::new();
     for entry in meta.iter().map_err(op_err(ctx))? {
         let (k, _) = entry.map_err(op_err(ctx))?;
@@ -497,13 +492,12 @@ pub(crate) fn all_ids(txn: &WriteTransaction) -> Result<Vec<QueueId>, QueueError
 
 /// Replaces a message's due index entry.
 pub(crate) fn set_due(
-    txn: &WriteTransaction,
+    t: &mut Tables<'_>,
     id: QueueId,
     due_ms: Option<u64>,
 ) -> Result<(), QueueError> {
     let ctx = "updating the due index";
-    let mut by_id = txn.open_table(DUE_BY_ID).map_err(table_err(ctx))?;
-    let mut due = txn.open_table(DUE).map_err(table_err(ctx))?;
+    let (due, by_id) = t.due_index(ctx)?;
     let old = by_id
         .remove(id.as_u128())
         .map_err(op_err(ctx))?
@@ -519,40 +513,37 @@ pub(crate) fn set_due(
 }
 
 /// Removes a message's record, body and index entries; false if it was not queued.
-pub(crate) fn remove_message(txn: &WriteTransaction, id: QueueId) -> Result<bool, QueueError> {
+pub(crate) fn remove_message(t: &mut Tables<'_>, id: QueueId) -> Result<bool, QueueError> {
     let ctx = "removing a message";
-    let existed = txn
-        .open_table(META)
-        .map_err(table_err(ctx))?
+    let existed = t
+        .meta(ctx)?
         .remove(id.as_u128())
         .map_err(op_err(ctx))?
         .is_some();
-    body::remove(txn, id)?;
-    set_due(txn, id, None)?;
+    body::remove(t, id)?;
+    set_due(t, id, None)?;
     Ok(existed)
 }
 
 /// Moves a message's sealed records into the quarantine tables.
-pub(crate) fn quarantine(txn: &WriteTransaction, id: QueueId) -> Result<(), QueueError> {
+pub(crate) fn quarantine(t: &mut Tables<'_>, id: QueueId) -> Result<(), QueueError> {
     let ctx = "quarantining a record";
-    let meta = txn
-        .open_table(META)
-        .map_err(table_err(ctx))?
+    let meta = t
+        .meta(ctx)?
         .remove(id.as_u128())
         .map_err(op_err(ctx))?
         .map(|g| g.value().to_vec());
     // the body is kept whole in quarantine: it is evidence, read rarely if ever
-    let body = body::get_in(txn, id)?;
-    body::remove(txn, id)?;
-    for (sealed, to) in [(meta, QUARANTINE_META), (body, QUARANTINE_BODY)] {
+    let body = body::get_in(t, id)?;
+    body::remove(t, id)?;
+    let (q_meta, q_body) = t.quarantine(ctx)?;
+    for (sealed, to) in [(meta, q_meta), (body, q_body)] {
         if let Some(sealed) = sealed {
-            txn.open_table(to)
-                .map_err(table_err(ctx))?
-                .insert(id.as_u128(), sealed.as_slice())
+            to.insert(id.as_u128(), sealed.as_slice())
                 .map_err(op_err(ctx))?;
         }
     }
-    set_due(txn, id, None)?;
+    set_due(t, id, None)?;
     tracing::error!(queue_id = %id, "queued message quarantined: it will not be delivered");
     Ok(())
 }

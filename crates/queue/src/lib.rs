@@ -18,6 +18,7 @@ mod keys;
 mod record;
 mod schedule;
 mod store;
+mod tables;
 #[cfg(test)]
 mod tests;
 
@@ -43,6 +44,7 @@ use crate::hot::HotBodies;
 use crate::record::MessageRecord;
 use crate::schedule::to_ms;
 use crate::store::{Store, STORE_FILE};
+use crate::tables::Tables;
 
 /// Bodies up to this size are sealed on the calling task instead of a blocking thread.
 const INLINE_SEAL_BYTES: usize = 64 * 1024;
@@ -303,11 +305,11 @@ impl Queue {
     /// whatever else is waiting; returns once it is durable.
     async fn committed<T: Send + 'static>(
         &self,
-        run: impl FnMut(&Core, &redb::WriteTransaction) -> Result<T, QueueError> + Send + 'static,
+        run: impl FnMut(&Core, &mut Tables<'_>) -> Result<T, QueueError> + Send + 'static,
     ) -> Result<T, QueueError> {
         let core = self.inner.core.clone();
         let mut run = run;
-        let (job, rx) = Change::job(move |txn: &redb::WriteTransaction| run(&core, txn));
+        let (job, rx) = Change::job(move |t: &mut Tables<'_>| run(&core, t));
         self.inner.committer.submit(job)?;
         rx.await.map_err(|_| QueueError::Closed)?
     }
@@ -332,7 +334,7 @@ impl Queue {
 
     /// Leases the due recipients of up to `max` messages (in-flight until `now + lease`).
     pub async fn lease_due(&self, now: SystemTime, max: usize) -> Result<Vec<Lease>, QueueError> {
-        self.committed(move |core, txn| core.lease_due(txn, now, max))
+        self.committed(move |core, t| core.lease_due(t, now, max))
             .await
     }
 
@@ -373,7 +375,7 @@ impl Queue {
         let due_again = results
             .iter()
             .any(|(_, o)| !matches!(o, Outcome::Delivered { .. } | Outcome::Failed { .. }));
-        self.committed(move |core, txn| core.complete(txn, id, results.clone(), now))
+        self.committed(move |core, t| core.complete(t, id, results.clone(), now))
             .await?;
         if due_again {
             // the scheduler learns the new due time (a retry, a fallback step)
@@ -388,7 +390,7 @@ impl Queue {
         id: QueueId,
         indices: Vec<usize>,
     ) -> Result<(), QueueError> {
-        self.committed(move |core, txn| core.mark_delay_notified(txn, id, &indices))
+        self.committed(move |core, t| core.mark_delay_notified(t, id, &indices))
             .await
     }
 

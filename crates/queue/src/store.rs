@@ -3,10 +3,11 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-use redb::{Database, DatabaseError, ReadTransaction, TableDefinition, WriteTransaction};
+use redb::{Database, DatabaseError, ReadTransaction, TableDefinition};
 
 use crate::backend::{Backend, Health};
 use crate::error::QueueError;
+use crate::tables::Tables;
 
 /// Sealed envelope + state records by queue id.
 pub(crate) const META: TableDefinition<u128, &[u8]> = TableDefinition::new("meta");
@@ -72,7 +73,7 @@ impl Store {
 
     /// Commits an empty transaction: returns Ok once everything written before is on disk.
     pub(crate) fn sync(&self) -> Result<(), QueueError> {
-        self.write("syncing the store", |_txn| Ok(()))
+        self.write("syncing the store", |_| Ok(()))
     }
 
     /// The store file.
@@ -111,7 +112,7 @@ impl Store {
     pub(crate) fn write<T>(
         &self,
         context: &'static str,
-        f: impl FnOnce(&WriteTransaction) -> Result<T, QueueError>,
+        f: impl FnOnce(&mut Tables<'_>) -> Result<T, QueueError>,
     ) -> Result<T, QueueError> {
         let result = self.write_inner(context, f);
         if let Err(e) = &result {
@@ -123,13 +124,15 @@ impl Store {
     fn write_inner<T>(
         &self,
         context: &'static str,
-        f: impl FnOnce(&WriteTransaction) -> Result<T, QueueError>,
+        f: impl FnOnce(&mut Tables<'_>) -> Result<T, QueueError>,
     ) -> Result<T, QueueError> {
         let db = self.db()?;
         let txn = db
             .begin_write()
             .map_err(|e| QueueError::storage(context, e))?;
-        match f(&txn) {
+        // the tables close here, before the commit
+        let result = f(&mut Tables::new(&txn));
+        match result {
             Ok(value) => {
                 txn.commit().map_err(|e| QueueError::storage(context, e))?;
                 Ok(value)

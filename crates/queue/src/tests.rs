@@ -584,15 +584,15 @@ async fn a_failing_write_in_a_group_fails_alone_and_the_others_commit() {
     };
     let (ok, ok_rx) = {
         let core = core.clone();
-        Change::job(move |txn: &redb::WriteTransaction| core.complete(txn, a, delivered(), now))
+        Change::job(move |t: &mut Tables<'_>| core.complete(t, a, delivered(), now))
     };
     let (bad, bad_rx) = {
         let core = core.clone();
-        Change::job(move |txn: &redb::WriteTransaction| core.complete(txn, b, delivered(), now))
+        Change::job(move |t: &mut Tables<'_>| core.complete(t, b, delivered(), now))
     };
     let (lease, lease_rx) = {
         let core = core.clone();
-        Change::job(move |txn: &redb::WriteTransaction| core.lease_due(txn, later(1), 10))
+        Change::job(move |t: &mut Tables<'_>| core.lease_due(t, later(1), 10))
     };
     for job in [ok, bad, lease] {
         q.inner.committer.submit(job).unwrap();
@@ -637,7 +637,7 @@ fn block_committer(q: &Queue) -> Blocked {
     let (gate, opened) = std::sync::mpsc::channel::<()>();
     let (started_tx, started) = std::sync::mpsc::channel::<()>();
     let opened = std::sync::Mutex::new(opened);
-    let (blocker, done) = Change::job(move |_txn: &redb::WriteTransaction| {
+    let (blocker, done) = Change::job(move |_t: &mut Tables<'_>| {
         let _ = started_tx.send(());
         let _ = opened.lock().unwrap().recv();
         Ok(())
