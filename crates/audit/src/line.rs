@@ -124,12 +124,26 @@ fn is_hex64(s: &[u8]) -> bool {
 }
 
 /// Seals `rec` as record `seq` after `prev`: returns the line (with its `\n`) and its hash.
+#[cfg(test)]
 pub(crate) fn seal(
     seq: u64,
     ts: &str,
     prev: &str,
     rec: &Record,
 ) -> Result<(Vec<u8>, String), serde_json::Error> {
+    let mut line = Vec::new();
+    let hash = seal_into(&mut line, seq, ts, prev, rec)?;
+    Ok((line, hash))
+}
+
+/// [`seal`], appending the line to `out` (left as it was on an error); returns the hash.
+pub(crate) fn seal_into(
+    out: &mut Vec<u8>,
+    seq: u64,
+    ts: &str,
+    prev: &str,
+    rec: &Record,
+) -> Result<String, serde_json::Error> {
     let unsealed = Unsealed {
         seq,
         ts,
@@ -144,15 +158,19 @@ pub(crate) fn seal(
         tls: rec.tls.as_ref(),
         detail: &rec.detail,
     };
-    let mut line = serde_json::to_vec(&unsealed)?;
+    let start = out.len();
+    if let Err(e) = serde_json::to_writer(&mut *out, &unsealed) {
+        out.truncate(start);
+        return Err(e);
+    }
     // A serialised struct always ends with '}'; drop it and append the hash field instead.
-    line.pop();
-    let hash = hash_of(&line);
-    line.extend_from_slice(HASH_OPEN);
-    line.extend_from_slice(hash.as_bytes());
-    line.extend_from_slice(HASH_CLOSE);
-    line.push(b'\n');
-    Ok((line, hash))
+    out.pop();
+    let hash = hash_of(out.get(start..).unwrap_or_default());
+    out.extend_from_slice(HASH_OPEN);
+    out.extend_from_slice(hash.as_bytes());
+    out.extend_from_slice(HASH_CLOSE);
+    out.push(b'\n');
+    Ok(hash)
 }
 
 /// Checks one line (without its `\n`) on its own: shape, fields and its own hash.

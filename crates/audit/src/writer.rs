@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::error::AuditError;
 use crate::files::{read_ends, sync_dir, LogPaths};
-use crate::line::{check_line, seal, LineError, GENESIS_PREV};
+use crate::line::{check_line, seal_into, LineError, GENESIS_PREV};
 use crate::record::Record;
 
 /// Default size at which the current file is rotated: 64 MiB.
@@ -22,6 +22,8 @@ pub const DEFAULT_ROTATE_BYTES: u64 = 64 * 1024 * 1024;
 const QUEUE_DEPTH: usize = 4096;
 /// Most records written under one fsync.
 const MAX_BATCH: usize = 1024;
+/// Largest batch buffer kept for the next batch, bytes (a rare huge batch gives its memory back).
+const MAX_KEPT_BUF: usize = 1024 * 1024;
 
 /// Where the audit log lives and when it rotates.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -252,6 +254,7 @@ impl AuditLog {
             head,
             rotate_bytes: opts.rotate_bytes,
             poisoned: false,
+            buf: Vec::new(),
             _lock: lock,
             #[cfg(test)]
             syncs: Arc::clone(&syncs),
@@ -327,6 +330,8 @@ struct Writer {
     rotate_bytes: u64,
     /// Set after a failed write, fsync or rotation; every later record is refused.
     poisoned: bool,
+    /// The lines of the batch being written (kept between batches, so its memory is reused).
+    buf: Vec<u8>,
     /// Held (locked) for the writer's lifetime.
     _lock: File,
     #[cfg(test)]
@@ -385,12 +390,28 @@ impl Writer {
 
     /// Seals and writes every record of `batch`, rotating as needed, then fsyncs once.
     fn write_batch(&mut self, batch: &[Job]) -> BatchOutcome {
-        let mut outcome = BatchOutcome {
+        let outcome = BatchOutcome {
             serialise_errors: Vec::with_capacity(batch.len()),
             durable: 0,
             failure: None,
         };
-        let mut buf: Vec<u8> = Vec::new();
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        if buf.capacity() > MAX_KEPT_BUF {
+            buf = Vec::new();
+        }
+        let outcome = self.write_lines(batch, &mut buf, outcome);
+        self.buf = buf;
+        outcome
+    }
+
+    /// [`Writer::write_batch`]'s work, with `buf` to collect the lines in.
+    fn write_lines(
+        &mut self,
+        batch: &[Job],
+        buf: &mut Vec<u8>,
+        mut outcome: BatchOutcome,
+    ) -> BatchOutcome {
         for (i, job) in batch.iter().enumerate() {
             let seq = self.head.next_seq;
             let Some(next_seq) = seq.checked_add(1) else {
@@ -400,8 +421,9 @@ impl Writer {
                 continue;
             };
             let ts = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
-            let (line, hash) = match seal(seq, &ts, &self.head.prev, &job.rec) {
-                Ok(sealed) => sealed,
+            let start = buf.len();
+            let hash = match seal_into(buf, seq, &ts, &self.head.prev, &job.rec) {
+                Ok(hash) => hash,
                 Err(e) => {
                     outcome
                         .serialise_errors
@@ -410,30 +432,29 @@ impl Writer {
                 }
             };
             outcome.serialise_errors.push(None);
-            let pending = self.size + buf.len() as u64;
-            if self.rotate_bytes > 0
-                && pending > 0
-                && pending + line.len() as u64 > self.rotate_bytes
-            {
-                if let Err(e) = self.append(&buf).and_then(|()| self.sync()) {
+            let line_len = (buf.len() - start) as u64;
+            let pending = self.size + start as u64;
+            if self.rotate_bytes > 0 && pending > 0 && pending + line_len > self.rotate_bytes {
+                // the lines before this one go to the current file, this one to the next
+                let before = buf.get(..start).unwrap_or_default();
+                if let Err(e) = self.append(before).and_then(|()| self.sync()) {
                     outcome.failure = Some(e);
                     return outcome;
                 }
-                buf.clear();
+                buf.drain(..start);
                 outcome.durable = i;
                 if let Err(e) = self.rotate() {
                     outcome.failure = Some(e);
                     return outcome;
                 }
             }
-            buf.extend_from_slice(&line);
             if self.head.first_seq_in_file.is_none() {
                 self.head.first_seq_in_file = Some(seq);
             }
             self.head.next_seq = next_seq;
             self.head.prev = hash;
         }
-        if let Err(e) = self.append(&buf).and_then(|()| self.sync()) {
+        if let Err(e) = self.append(buf).and_then(|()| self.sync()) {
             outcome.failure = Some(e);
             return outcome;
         }
@@ -679,6 +700,41 @@ mod tests {
         assert_eq!(log.syncs(), 1, "50 queued records must share one fsync");
         drop(log);
         assert_eq!(verify(&path).unwrap().records, 50);
+    }
+
+    /// One batch that crosses the rotation size several times: each file stays under it, the
+    /// chain runs on across the files, and no line is lost or repeated.
+    #[tokio::test]
+    async fn one_batch_rotates_in_the_middle() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let (open_gate, gate) = std::sync::mpsc::channel();
+        let log = AuditLog::open_gated(opts(&path, 1000), Some(gate)).unwrap();
+        let mut pending = Vec::new();
+        for i in 1..=40u64 {
+            pending.push(log.submit(sample(i).detail("n", i)).await.unwrap());
+        }
+        while log.queued() < 40 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        open_gate.send(()).unwrap();
+        for d in pending {
+            d.wait().await.unwrap();
+        }
+        drop(log);
+        let rotated = rotated_files(&path);
+        assert!(rotated.len() >= 3, "only {} rotated files", rotated.len());
+        let mut ns = Vec::new();
+        for file in rotated.iter().chain(std::iter::once(&path)) {
+            let size = std::fs::metadata(file).unwrap().len();
+            assert!(size <= 1000, "{} has {size} bytes", file.display());
+            for line in lines_of(file) {
+                ns.push(json(&line)["detail"]["n"].as_u64().unwrap());
+            }
+        }
+        assert_eq!(ns, (1..=40).collect::<Vec<_>>());
+        let report = verify(&path).unwrap();
+        assert_eq!((report.records, report.files), (40, rotated.len() + 1));
     }
 
     #[tokio::test]
