@@ -140,7 +140,7 @@ fn tokio_runtime() -> Result<tokio::runtime::Runtime> {
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Cmd::Serve { config, log_format } => {
-            logging::init(log_format);
+            let _log = logging::init(log_format);
             tokio_runtime()?.block_on(serve::run(source(config)))?;
             Ok(ExitCode::SUCCESS)
         }
