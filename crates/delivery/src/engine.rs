@@ -386,10 +386,6 @@ fn domain_of(address: &str) -> Option<String> {
     (!domain.is_empty()).then_some(domain)
 }
 
-fn evidence_json(evidence: &Evidence) -> Json {
-    Json::of(evidence)
-}
-
 impl Inner {
     /// The reloadable part of the engine, built from a configuration.
     fn build(
@@ -809,7 +805,7 @@ impl Inner {
                         .queue_id(lease.id.to_string())
                         .mx(mx.to_owned())
                         .ip(ip),
-                    evidence_json(&evidence),
+                    Json::of(&*evidence),
                     evidence.reason,
                 )
                 .await;
@@ -823,7 +819,7 @@ impl Inner {
                         .mx(mx.to_owned())
                         .ip(ip)
                         .detail("error", detail.clone()),
-                    evidence_json(&evidence),
+                    Json::of(&*evidence),
                     evidence.reason,
                 )
                 .await;

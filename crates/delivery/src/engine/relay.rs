@@ -3,10 +3,10 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use sealpost_audit::{Event, Record};
+use sealpost_audit::{Event, Json, Record};
 use sealpost_queue::{Lease, LeasedRecipient, Outcome};
 
-use super::{evidence_json, Inner};
+use super::Inner;
 use crate::client::{open_at, OpenError, RcptResult, Session, Transaction, TxnRecipient};
 use crate::dns::HostAddrs;
 use crate::smarthost::SmarthostTarget;
@@ -120,7 +120,7 @@ impl Inner {
             }
             Err(OpenError::Rejected(evidence)) => {
                 tracing::warn!(queue_id = %lease.id, smarthost = %target.name, %ip, verdict = %evidence.reason, "smarthost did not pass the policy");
-                self.audit_tls(base, evidence_json(&evidence), evidence.reason)
+                self.audit_tls(base, Json::of(&*evidence), evidence.reason)
                     .await;
                 Err(format!("{} [{ip}]: {}", target.host, evidence.reason))
             }
@@ -128,7 +128,7 @@ impl Inner {
                 tracing::warn!(queue_id = %lease.id, smarthost = %target.name, %ip, detail, "smarthost session failed after a verified handshake");
                 self.audit_tls(
                     base.detail("error", detail.clone()),
-                    evidence_json(&evidence),
+                    Json::of(&*evidence),
                     evidence.reason,
                 )
                 .await;
