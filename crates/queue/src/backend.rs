@@ -1,15 +1,26 @@
 //! The store's file backend: redb's `FileBackend`, plus a count of failed `fsync`s (and, in
-//! tests, injected faults).
+//! tests, injected faults), and a file that does not shrink while the store is open.
 //!
 //! The count is what lets the committer tell "the commit failed, but everything it wrote was
 //! synced" from "an fsync failed, so nothing it wrote is known to be on disk" (see `commit.rs`).
+//!
+//! redb shrinks its file at a commit whose end of file is free, i.e. after the queue drained.
+//! On the benchmark VM a shrinking `ftruncate` took 23–80 ms, and every enqueue waiting for
+//! that commit waited for it. So a shrink only changes the length redb sees (`logical`); the
+//! bytes past it stay in the file (`physical`) until the queue is closed, and a later grow
+//! first zeroes the part it takes back (`FALLOC_FL_ZERO_RANGE`: redb requires new space to
+//! read as zeros). If the process dies in between, the file is longer than redb's last layout;
+//! redb repairs after any crash anyway, and it takes its layout from the file's length, which
+//! is always one it used before (see decisions.md, "The store file shrinks when it closes").
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io;
 use std::ops::Bound;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use rustix::fs::FallocateFlags;
 
 use redb::backends::FileBackend;
 use redb::{BackendError, StorageBackend};
@@ -46,6 +57,8 @@ pub(crate) struct Faults {
     pub(crate) clean_syncs: AtomicU64,
     /// The header (offset 0) was written since the last sync.
     header_written: std::sync::atomic::AtomicBool,
+    /// `FALLOC_FL_ZERO_RANGE` reports "not supported" (as on tmpfs).
+    pub(crate) no_zero_range: std::sync::atomic::AtomicBool,
 }
 
 #[cfg(test)]
@@ -62,10 +75,22 @@ impl Faults {
     }
 }
 
-/// redb's file backend with the store's health counters.
+/// The store file's length as redb sees it, and on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Lengths {
+    /// The length redb last set: it reads and writes only below it.
+    pub(crate) logical: u64,
+    /// The file's length: at least `logical`; the rest is left over from before a shrink.
+    pub(crate) physical: u64,
+}
+
+/// redb's file backend with the store's health counters and a deferred shrink.
 #[derive(Debug)]
 pub(crate) struct Backend {
     inner: FileBackend,
+    /// The same open file, for `fallocate` and the truncate at close.
+    file: File,
+    lengths: Mutex<Lengths>,
     health: Arc<Health>,
 }
 
@@ -78,16 +103,52 @@ impl Backend {
             .create(true)
             .truncate(false)
             .open(path)?;
+        let len = file.metadata()?.len();
+        let own = file.try_clone()?;
         Ok(Backend {
             inner: FileBackend::new(file)?,
+            file: own,
+            lengths: Mutex::new(Lengths {
+                logical: len,
+                physical: len,
+            }),
             health,
         })
+    }
+
+    /// The current lengths.
+    #[cfg(test)]
+    pub(crate) fn lengths(&self) -> Lengths {
+        *self.lengths.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Zeroes `len` bytes at `offset` without writing them; false where the file system
+    /// cannot (then the caller truncates instead).
+    fn zero_range(&self, offset: u64, len: u64) -> bool {
+        #[cfg(test)]
+        if self.health.faults.no_zero_range.load(Ordering::SeqCst) {
+            return false;
+        }
+        rustix::fs::fallocate(&self.file, FallocateFlags::ZERO_RANGE, offset, len).is_ok()
+    }
+
+    /// Cuts the file to the length redb sees.
+    fn trim(&self, lengths: &mut Lengths) -> Result<(), io::Error> {
+        if lengths.physical > lengths.logical {
+            self.inner.set_len(lengths.logical)?;
+            lengths.physical = lengths.logical;
+        }
+        Ok(())
     }
 }
 
 impl StorageBackend for Backend {
     fn len(&self) -> Result<u64, io::Error> {
-        self.inner.len()
+        Ok(self
+            .lengths
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .logical)
     }
 
     fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), io::Error> {
@@ -95,7 +156,24 @@ impl StorageBackend for Backend {
     }
 
     fn set_len(&self, len: u64) -> Result<(), io::Error> {
-        self.inner.set_len(len)
+        let mut l = self.lengths.lock().unwrap_or_else(PoisonError::into_inner);
+        if len <= l.logical {
+            // a shrink: the bytes past `len` stay until the store closes
+            l.logical = len;
+            return Ok(());
+        }
+        // a grow: what it takes back of the old bytes must read as zeros
+        let reused = len.min(l.physical);
+        if reused > l.logical && !self.zero_range(l.logical, reused - l.logical) {
+            self.trim(&mut l)?;
+        }
+        if len > l.physical {
+            // extending fills with zeros
+            self.inner.set_len(len)?;
+            l.physical = len;
+        }
+        l.logical = len;
+        Ok(())
     }
 
     fn sync_data(&self) -> Result<(), io::Error> {
@@ -146,7 +224,20 @@ impl StorageBackend for Backend {
     }
 
     fn close(&self) -> Result<(), io::Error> {
-        self.inner.close()
+        // redb wrote and synced its clean header before this: leave a file whose length is the
+        // one that header records, durably, so the next open needs no repair
+        let trimmed = {
+            let mut l = self.lengths.lock().unwrap_or_else(PoisonError::into_inner);
+            let cut = l.physical > l.logical;
+            self.trim(&mut l).map(|()| cut)
+        };
+        let synced = match trimmed {
+            Ok(true) => self.inner.sync_data(),
+            Ok(false) => Ok(()),
+            Err(e) => Err(e),
+        };
+        let closed = self.inner.close();
+        synced.and(closed)
     }
 
     fn try_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
@@ -181,3 +272,68 @@ impl StorageBackend for Backend {
 /// EIO, the error a failed fsync reports (Linux's number).
 #[cfg(test)]
 const EIO: i32 = 5;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file_len(path: &Path) -> u64 {
+        std::fs::metadata(path).unwrap().len()
+    }
+
+    /// A shrink leaves the file as it is; a grow reads zeros where the old bytes were, with
+    /// `FALLOC_FL_ZERO_RANGE` or, where that is missing, by truncating first; closing cuts the
+    /// file to the length redb last set.
+    #[test]
+    fn a_shrink_waits_for_close_and_a_regrow_reads_zeros() {
+        const MIB: u64 = 1 << 20;
+        for no_zero_range in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("store");
+            let health = Arc::new(Health::default());
+            health
+                .faults
+                .no_zero_range
+                .store(no_zero_range, Ordering::SeqCst);
+            let b = Backend::open(&path, health).unwrap();
+            b.set_len(MIB).unwrap();
+            b.write(0, &vec![0xAB; MIB as usize]).unwrap();
+            b.set_len(4096).unwrap();
+            assert_eq!(b.len().unwrap(), 4096);
+            assert_eq!(
+                b.lengths(),
+                Lengths {
+                    logical: 4096,
+                    physical: MIB
+                }
+            );
+            assert_eq!(file_len(&path), MIB, "the shrink did not truncate");
+            b.set_len(MIB / 2).unwrap();
+            let mut back = vec![0xFF; (MIB / 2 - 4096) as usize];
+            b.read(4096, &mut back).unwrap();
+            assert!(back.iter().all(|&x| x == 0), "stale bytes after a regrow");
+            let mut kept = vec![0; 4096];
+            b.read(0, &mut kept).unwrap();
+            assert!(
+                kept.iter().all(|&x| x == 0xAB),
+                "bytes below the shrink changed"
+            );
+            let expect_physical = if no_zero_range { MIB / 2 } else { MIB };
+            assert_eq!(b.lengths().physical, expect_physical);
+            assert_eq!(file_len(&path), expect_physical);
+            // growing past the old end: zeros there too
+            b.set_len(2 * MIB).unwrap();
+            let mut tail = vec![0xFF; MIB as usize];
+            b.read(MIB, &mut tail).unwrap();
+            assert!(tail.iter().all(|&x| x == 0));
+            b.set_len(8192).unwrap();
+            assert_eq!(file_len(&path), 2 * MIB);
+            b.close().unwrap();
+            assert_eq!(
+                file_len(&path),
+                8192,
+                "close cuts the file to redb's length"
+            );
+        }
+    }
+}

@@ -1086,3 +1086,59 @@ async fn delay_notified_flag_survives_outcomes_and_reopen_and_old_records_decode
     let rec: crate::record::RecipientRecord = serde_json::from_str(old).unwrap();
     assert!(!rec.delay_notified);
 }
+
+/// While the queue is open its file does not shrink (a shrinking `ftruncate` stalled every
+/// enqueue waiting for that commit); a crash image taken then still opens, with what was
+/// queued; a clean close cuts the file back, and redb then opens it without a repair.
+#[tokio::test]
+async fn the_store_file_shrinks_when_the_queue_closes_not_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join(crate::store::STORE_FILE);
+    let body = |i: usize| vec![b'a' + (i % 26) as u8; 200 * 1024];
+    let (keep, peak) = {
+        let q = open(dir.path());
+        let mut ids = Vec::new();
+        for i in 0..120 {
+            ids.push(q.enqueue(envelope("a@x", &["b@y"]), body(i)).await.unwrap());
+        }
+        let peak = fs::metadata(&file).unwrap().len();
+        for id in &ids[1..] {
+            q.delete(*id).await.unwrap();
+        }
+        assert_eq!(
+            fs::metadata(&file).unwrap().len(),
+            peak,
+            "the file shrank while the queue was open"
+        );
+        // the file as a power cut would leave it: longer than redb's last layout
+        let crash = tempfile::tempdir().unwrap();
+        fs::copy(&file, crash.path().join(crate::store::STORE_FILE)).unwrap();
+        let image = open(crash.path());
+        assert_eq!(image.list().await.unwrap().len(), 1);
+        assert_eq!(image.body(ids[0]).await.unwrap(), body(0));
+        let more = image
+            .enqueue(envelope("a@x", &["b@y"]), body(7))
+            .await
+            .unwrap();
+        assert_eq!(image.body(more).await.unwrap(), body(7));
+        (ids[0], peak)
+    };
+    let closed = fs::metadata(&file).unwrap().len();
+    assert!(
+        closed < peak / 2,
+        "closing did not cut the file: {closed} of {peak} bytes"
+    );
+    let repaired = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = repaired.clone();
+    let db = redb::Builder::new()
+        .set_repair_callback(move |_| flag.store(true, std::sync::atomic::Ordering::SeqCst))
+        .open(&file)
+        .unwrap();
+    drop(db);
+    assert!(
+        !repaired.load(std::sync::atomic::Ordering::SeqCst),
+        "the closed file needed a repair"
+    );
+    let q = open(dir.path());
+    assert_eq!(q.body(keep).await.unwrap(), body(0));
+}
