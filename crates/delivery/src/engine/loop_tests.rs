@@ -148,3 +148,49 @@ async fn a_withdrawn_hand_off_does_not_hold_up_stopping() {
         "a withdrawn message is not delivered"
     );
 }
+
+/// The engine leases only as many messages as it has delivery slots for: it takes the slots
+/// first, so no message sits leased waiting for one. Two slots (`max_connections = 1`), five
+/// messages due before the engine starts (so none is handed over), and deliveries held up by a
+/// DNS server that never answers: two in flight, three still pending, until those two end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engine_leases_no_more_messages_than_it_has_slots() {
+    let dir = tempfile::tempdir().unwrap();
+    // bound and never read: every lookup waits for the timeout
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    let extra = format!(
+        "[dns]\nnameservers = [\"{addr}\"]\ntimeout = \"4s\"\n\n[delivery]\nmax_connections = 1\n"
+    );
+    let (engine, queue, _audit) =
+        super::test_engine::engine_in(dir.path(), &extra, Duration::from_secs(600));
+    for _ in 0..5 {
+        queue
+            .enqueue(envelope(), b"Subject: x\r\n\r\nbody\r\n".to_vec())
+            .await
+            .unwrap();
+    }
+    let (stop, stopped) = watch::channel(false);
+    let run = tokio::spawn(engine.run(stopped));
+    let counts = || async { queue.stats().await.unwrap().recipients };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while counts().await.in_flight < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the engine did not lease"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // both slots busy for a while: nothing more is leased meanwhile
+    for _ in 0..10 {
+        let c = counts().await;
+        assert_eq!((c.in_flight, c.pending), (2, 3), "{c:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the engine stops once its deliveries ended")
+        .unwrap();
+    drop(silent);
+}
