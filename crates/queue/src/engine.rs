@@ -193,7 +193,8 @@ impl Core {
         }
     }
 
-    /// Records delivery outcomes inside the transaction `t`; removes the message once every recipient is final.
+    /// Records delivery outcomes inside the transaction `t`; removes the message once every
+    /// recipient is final.
     pub(crate) fn complete(
         &self,
         t: &mut Tables<'_>,
@@ -252,7 +253,8 @@ impl Core {
         })
     }
 
-    /// Records inside the transaction `t` that a delay notice was sent for the recipients at `indices`.
+    /// Records inside the transaction `t` that a delay notice was sent for the recipients at
+    /// `indices`.
     pub(crate) fn mark_delay_notified(
         &self,
         t: &mut Tables<'_>,
