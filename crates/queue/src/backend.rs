@@ -153,6 +153,28 @@ impl Backend {
         }
         Ok(())
     }
+
+    /// Makes `len` the length redb sees: a shrink is only recorded; a grow zeroes (or, where
+    /// that is missing, truncates away) the old bytes it takes back and extends past them.
+    fn resize(&self, l: &mut Lengths, len: u64) -> Result<(), io::Error> {
+        if len <= l.logical {
+            // a shrink: the bytes past `len` stay until the store closes
+            l.logical = len;
+            return Ok(());
+        }
+        // a grow: what it takes back of the old bytes must read as zeros
+        let reused = len.min(l.physical);
+        if reused > l.logical && !self.zero_range(l.logical, reused - l.logical) {
+            self.trim(l)?;
+        }
+        if len > l.physical {
+            // extending fills with zeros
+            self.inner.set_len(len)?;
+            l.physical = len;
+        }
+        l.logical = len;
+        Ok(())
+    }
 }
 
 impl StorageBackend for Backend {
@@ -170,30 +192,7 @@ impl StorageBackend for Backend {
 
     fn set_len(&self, len: u64) -> Result<(), io::Error> {
         let mut l = self.lengths.lock().unwrap_or_else(PoisonError::into_inner);
-        if len <= l.logical {
-            // a shrink: the bytes past `len` stay until the store closes
-            l.logical = len;
-            #[cfg(test)]
-            {
-                *self
-                    .health
-                    .lengths
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner) = Some(*l);
-            }
-            return Ok(());
-        }
-        // a grow: what it takes back of the old bytes must read as zeros
-        let reused = len.min(l.physical);
-        if reused > l.logical && !self.zero_range(l.logical, reused - l.logical) {
-            self.trim(&mut l)?;
-        }
-        if len > l.physical {
-            // extending fills with zeros
-            self.inner.set_len(len)?;
-            l.physical = len;
-        }
-        l.logical = len;
+        let result = self.resize(&mut l, len);
         #[cfg(test)]
         {
             *self
@@ -202,7 +201,7 @@ impl StorageBackend for Backend {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner) = Some(*l);
         }
-        Ok(())
+        result
     }
 
     fn sync_data(&self) -> Result<(), io::Error> {

@@ -285,29 +285,36 @@ mod tests {
         out
     }
 
+    /// A random message of dot lines, empty lines and long lines (some larger than a write
+    /// chunk); every tenth case has thousands of lines. It may end without CRLF or in dots.
+    fn random_message(rng: &mut Rng, case: usize) -> Vec<u8> {
+        let mut message = Vec::new();
+        let lines = rng.below(if case.is_multiple_of(10) { 3000 } else { 30 });
+        for _ in 0..lines {
+            if rng.below(3) == 0 {
+                message.push(b'.');
+            }
+            let len = match rng.below(20) {
+                0 => rng.below(3 * WRITE_CHUNK as u64),
+                1 => 0,
+                _ => rng.below(100),
+            };
+            message.extend(std::iter::repeat_n(b"a.x"[rng.below(3)], len));
+            message.extend_from_slice(b"\r\n");
+        }
+        if rng.below(3) == 0 {
+            message.extend(std::iter::repeat_n(b'.', rng.below(3)));
+        }
+        message
+    }
+
     /// Random messages of dot lines, empty lines and long lines, some larger than a write
     /// chunk: the same bytes on the wire as the line-by-line reference, in chunk-sized writes.
     #[tokio::test]
     async fn write_data_matches_the_line_by_line_reference() {
         let mut rng = Rng(0x0D07_57AF_F1E5_0001);
         for case in 0..400 {
-            let mut message = Vec::new();
-            let lines = rng.below(if case % 10 == 0 { 3000 } else { 30 });
-            for _ in 0..lines {
-                if rng.below(3) == 0 {
-                    message.push(b'.');
-                }
-                let len = match rng.below(20) {
-                    0 => rng.below(3 * WRITE_CHUNK as u64),
-                    1 => 0,
-                    _ => rng.below(100),
-                };
-                message.extend(std::iter::repeat_n(b"a.x"[rng.below(3)], len));
-                message.extend_from_slice(b"\r\n");
-            }
-            if rng.below(3) == 0 {
-                message.extend(std::iter::repeat_n(b'.', rng.below(3)));
-            }
+            let message = random_message(&mut rng, case);
             let mut writer = CountingWriter::default();
             write_data(&mut writer, &message).await.unwrap();
             assert_eq!(writer.bytes, stuffed_reference(&message), "case {case}");
@@ -327,23 +334,7 @@ mod tests {
     async fn vectored_write_data_matches_the_line_by_line_reference() {
         let mut rng = Rng(0x0D07_57AF_F1E5_0002);
         for case in 0..400 {
-            let mut message = Vec::new();
-            let lines = rng.below(if case % 10 == 0 { 3000 } else { 30 });
-            for _ in 0..lines {
-                if rng.below(3) == 0 {
-                    message.push(b'.');
-                }
-                let len = match rng.below(20) {
-                    0 => rng.below(3 * WRITE_CHUNK as u64),
-                    1 => 0,
-                    _ => rng.below(100),
-                };
-                message.extend(std::iter::repeat_n(b"a.x"[rng.below(3)], len));
-                message.extend_from_slice(b"\r\n");
-            }
-            if rng.below(3) == 0 {
-                message.extend(std::iter::repeat_n(b'.', rng.below(3)));
-            }
+            let message = random_message(&mut rng, case);
             // a byte per call only for short messages (it is slow in a debug build)
             let cap = match case % 5 {
                 1 if message.len() <= 4096 => 1,

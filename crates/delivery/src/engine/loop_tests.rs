@@ -1,9 +1,9 @@
 //! The engine's loop run for real, on a real queue and audit log: how it stops.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use sealpost_queue::{Enqueued, Envelope, Queue, RecipientSpec};
+use sealpost_queue::{Enqueued, Envelope, Queue};
 use tokio::sync::watch;
 
 use super::Engine;
@@ -19,23 +19,7 @@ fn engine(dir: &Path) -> (Engine, Queue, std::path::PathBuf) {
 }
 
 fn envelope() -> Envelope {
-    Envelope {
-        sender: "app@clinic.test".into(),
-        recipients: vec![RecipientSpec {
-            address: "pat@b.test".into(),
-            notify: None,
-            orcpt: None,
-        }],
-        user: Some("app".into()),
-        policy: "phi".into(),
-        tags: Vec::new(),
-        client_ip: None,
-        ret: None,
-        envid: None,
-        smtputf8: false,
-        eight_bit: false,
-        received_at: SystemTime::now(),
-    }
+    super::test_engine::envelope("app@clinic.test", "phi")
 }
 
 /// Enqueues messages until one is handed over (the engine registers its hand-off when its

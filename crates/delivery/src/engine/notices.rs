@@ -402,23 +402,7 @@ mod tests {
     }
 
     async fn leased(queue: &Queue, sender: &str, policy: &str) -> Lease {
-        let env = Envelope {
-            sender: sender.into(),
-            recipients: vec![RecipientSpec {
-                address: "pat@b.test".into(),
-                notify: None,
-                orcpt: Some("rfc822;pat@b.test".into()),
-            }],
-            user: Some("app".into()),
-            policy: policy.into(),
-            tags: Vec::new(),
-            client_ip: None,
-            ret: None,
-            envid: None,
-            smtputf8: false,
-            eight_bit: false,
-            received_at: SystemTime::now(),
-        };
+        let env = crate::engine::test_engine::envelope(sender, policy);
         let body = b"Subject: secret subject\r\n\r\nsecret body\r\n".to_vec();
         queue.enqueue(env, body).await.unwrap();
         let mut leases = queue.lease_due(SystemTime::now(), 10).await.unwrap();

@@ -4,7 +4,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use sealpost_audit::{AuditLog, AuditOptions};
-use sealpost_queue::{Keyring, Queue, QueueOptions};
+use std::time::SystemTime;
+
+use sealpost_queue::{Envelope, Keyring, Queue, QueueOptions, RecipientSpec};
 
 use super::Engine;
 
@@ -40,4 +42,25 @@ pub(super) fn engine_in(dir: &Path, extra: &str, hold: Duration) -> (Engine, Que
     let audit = AuditLog::open(AuditOptions::new(&audit_path)).unwrap();
     let engine = Engine::new(&config, queue.clone(), audit).unwrap();
     (engine, queue, audit_path)
+}
+
+/// An envelope from `sender` to `pat@b.test` under `policy`.
+pub(super) fn envelope(sender: &str, policy: &str) -> Envelope {
+    Envelope {
+        sender: sender.into(),
+        recipients: vec![RecipientSpec {
+            address: "pat@b.test".into(),
+            notify: None,
+            orcpt: Some("rfc822;pat@b.test".into()),
+        }],
+        user: Some("app".into()),
+        policy: policy.into(),
+        tags: Vec::new(),
+        client_ip: None,
+        ret: None,
+        envid: None,
+        smtputf8: false,
+        eight_bit: false,
+        received_at: SystemTime::now(),
+    }
 }
