@@ -1,7 +1,8 @@
 //! Issue 3's crash test: concurrent clients submit 2,000 messages while the real relay is killed
 //! with SIGKILL at three random points; after each restart the relay goes on. In the end every
 //! message that got a `250` must have reached the test receiver exactly once (a duplicate is only
-//! possible for a message that was being delivered at a kill; those are counted and bounded).
+//! possible for a message that was being delivered at a kill; those are counted and bounded),
+//! and the audit log must hold exactly one `accepted` record for each, ahead of its delivery.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
 
 use sealpost_tests::dns::DnsServer;
@@ -48,7 +49,7 @@ async fn client(
     relay_addr: std::net::SocketAddr,
     ca: String,
     next: Arc<AtomicUsize>,
-    acked: Arc<Mutex<Vec<usize>>>,
+    acked: Arc<Mutex<Vec<(usize, String)>>>,
     done: Arc<AtomicBool>,
 ) {
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -81,8 +82,9 @@ async fn client(
             );
             match c.submit(FROM, &[TO], &msg).await {
                 Ok(r) if queue_id_of(&r).is_some() => {
+                    let id = queue_id_of(&r).unwrap_or_default();
                     let mut a = acked.lock().unwrap();
-                    a.push(n);
+                    a.push((n, id));
                     if a.len() >= TOTAL {
                         done.store(true, Ordering::SeqCst);
                     }
@@ -180,7 +182,8 @@ async fn every_acknowledged_message_survives_three_sigkills_and_is_delivered_onc
     for t in tasks {
         t.await.unwrap();
     }
-    let acked: Vec<usize> = acked.lock().unwrap().clone();
+    let acked_ids: Vec<(usize, String)> = acked.lock().unwrap().clone();
+    let acked: Vec<usize> = acked_ids.iter().map(|(n, _)| *n).collect();
     assert!(acked.len() >= TOTAL);
 
     // Wait until every acknowledged message has arrived (bounded).
@@ -234,4 +237,47 @@ async fn every_acknowledged_message_survives_three_sigkills_and_is_delivered_onc
         Some(0),
         "audit chain intact after kills"
     );
+    // Every acknowledged message has exactly one `accepted` record (committed with it, so no
+    // kill can lose it; replayed once at most after one), and no message has two; each comes
+    // before the first record of the message's delivery.
+    let lines = relay.audit_lines();
+    let mut accepted: HashMap<String, usize> = HashMap::new();
+    let mut first_event: HashMap<String, String> = HashMap::new();
+    for line in &lines {
+        let (Some(event), Some(id)) = (line["event"].as_str(), line["queue_id"].as_str()) else {
+            continue;
+        };
+        first_event
+            .entry(id.to_string())
+            .or_insert_with(|| event.to_string());
+        if event == "accepted" {
+            *accepted.entry(id.to_string()).or_default() += 1;
+        }
+    }
+    let replayed = lines
+        .iter()
+        .filter(|l| l["outbox"].is_u64() && l["at"].is_string())
+        .count();
+    println!("{} audit lines; {replayed} through the outbox", lines.len());
+    for line in relay
+        .logs()
+        .lines()
+        .filter(|l| l.contains("before an unclean stop"))
+    {
+        println!("replay at a restart: {line}");
+    }
+    for (n, id) in &acked_ids {
+        assert_eq!(
+            accepted.get(id).copied(),
+            Some(1),
+            "message {n} ({id}) has not exactly one `accepted` record"
+        );
+        assert_eq!(
+            first_event.get(id).map(String::as_str),
+            Some("accepted"),
+            "message {n} ({id}): a record came before `accepted`"
+        );
+    }
+    let doubled: Vec<_> = accepted.iter().filter(|(_, c)| **c > 1).collect();
+    assert!(doubled.is_empty(), "`accepted` recorded twice: {doubled:?}");
 }

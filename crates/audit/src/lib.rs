@@ -16,9 +16,23 @@
 //! One JSON object per line, fields in this fixed order: `seq` (from 1), `ts` (RFC 3339 UTC,
 //! milliseconds), `prev` (the previous record's `hash`; 64 zeros for the first record ever),
 //! `event`, the optional fields that are set (`queue_id`, `user`, `client_ip`, `recipient`, `mx`,
-//! `ip`, `tls`), `detail` if non-empty, and last `hash`. `hash` is the lowercase hex SHA-256 of
+//! `ip`, `tls`), `detail` if non-empty, for a record that came through the outbox (below) `at`
+//! and `outbox`, and last `hash`. `hash` is the lowercase hex SHA-256 of
 //! the exact bytes of the line with its final `,"hash":"<64 hex>"}` replaced by `}`, so checking
 //! is byte-exact and needs no canonical re-serialisation.
+//!
+//! # The transactional outbox
+//! A decision the queue records (a message accepted, a delivery's outcome) can carry its audit
+//! record inside the same queue commit, as an outbox row ([`encode_row`]): the decision and its
+//! evidence are then durable together, and the caller does not wait for a second fsync. The
+//! queue numbers rows in commit order and hands them to [`OutboxWriter::append`] after each
+//! commit; the writer appends them at once, behind every record handed over before, with
+//! `"at"` (when the record was decided; `ts` is when its line was written) and `"outbox"` (the
+//! row's seq). It syncs them with the next record a caller waits for, or at most 200 ms later,
+//! and then publishes the highest seq on disk ([`AuditLog::outbox_durable`]); the queue drops
+//! rows up to it. Rows left in the queue by a crash are appended at the next start by
+//! [`AuditLog::replay_outbox`], which first looks for their lines near the end of the log so
+//! none is written twice.
 //!
 //! # Rotation
 //! When the current file (say `audit.jsonl`) would exceed `rotate_bytes`, it is fsync'd and
@@ -53,6 +67,9 @@
 //! the last line short, [`AuditLog::open`] refuses to start and names the file and line, rather
 //! than silently chaining onto damage (which would also make later verifies fail at that line).
 //! The operator inspects the file, removes the partial last line, and starts again.
+//! Outbox lines written but not yet synced can be lost or cut short the same way; their rows are
+//! still in the queue (it drops a row only once its line is on disk), so after the partial line
+//! is removed the next start appends them again.
 //!
 //! Only one writer may own a log: [`AuditLog::open`] takes an advisory lock on `<stem>.lock`.
 //! [`verify`] only reads; run while the relay writes, it may see a line being appended and
@@ -61,12 +78,14 @@
 mod error;
 mod files;
 mod line;
+mod outbox;
 mod record;
 mod verify;
 mod writer;
 
 pub use error::AuditError;
 pub use line::{check_line, LineError, Sealed, GENESIS_PREV};
+pub use outbox::{encode_row, OutboxWriter};
 pub use record::{Event, Json, Record};
 pub use verify::{verify, verify_with, VerifyError, VerifyOptions, VerifyReport};
 pub use writer::{AuditLog, AuditOptions, Durable, DEFAULT_ROTATE_BYTES};

@@ -76,6 +76,10 @@ struct Unsealed<'a> {
     tls: Option<&'a Json>,
     #[serde(skip_serializing_if = "Map::is_empty")]
     detail: &'a Map<String, Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    at: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    outbox: Option<u64>,
 }
 
 /// A record as read back from a line (every field the writer produces).
@@ -94,6 +98,8 @@ struct Stored {
     ip: Option<IpAddr>,
     tls: Option<Value>,
     detail: Option<Map<String, Value>>,
+    at: Option<String>,
+    outbox: Option<u64>,
     hash: String,
 }
 
@@ -108,6 +114,18 @@ pub struct Sealed {
     pub prev: String,
     /// This record's hash.
     pub hash: String,
+    /// The record's outbox seq, if it came through the queue's outbox.
+    pub outbox: Option<u64>,
+}
+
+/// Where a record that came through the queue's outbox was decided: its outbox seq and the
+/// time of the decision (the commit that holds it), which can be earlier than `ts`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Origin<'a> {
+    /// The outbox row's seq.
+    pub seq: u64,
+    /// RFC 3339 time the record was decided.
+    pub at: &'a str,
 }
 
 /// Lowercase hex SHA-256 of `unsealed_without_close` followed by `}`.
@@ -132,7 +150,7 @@ pub(crate) fn seal(
     rec: &Record,
 ) -> Result<(Vec<u8>, String), serde_json::Error> {
     let mut line = Vec::new();
-    let hash = seal_into(&mut line, seq, ts, prev, rec)?;
+    let hash = seal_into(&mut line, seq, ts, prev, rec, None)?;
     Ok((line, hash))
 }
 
@@ -143,6 +161,7 @@ pub(crate) fn seal_into(
     ts: &str,
     prev: &str,
     rec: &Record,
+    origin: Option<Origin<'_>>,
 ) -> Result<String, serde_json::Error> {
     let unsealed = Unsealed {
         seq,
@@ -157,6 +176,8 @@ pub(crate) fn seal_into(
         ip: rec.ip,
         tls: rec.tls.as_ref(),
         detail: &rec.detail,
+        at: origin.map(|o| o.at),
+        outbox: origin.map(|o| o.seq),
     };
     let start = out.len();
     if let Err(e) = serde_json::to_writer(&mut *out, &unsealed) {
@@ -171,6 +192,19 @@ pub(crate) fn seal_into(
     out.extend_from_slice(HASH_CLOSE);
     out.push(b'\n');
     Ok(hash)
+}
+
+/// The `outbox` seq of a line (without its `\n`), read from where the writer puts it (right
+/// before the `hash` field) without parsing or checking the rest.
+pub(crate) fn outbox_of(line: &[u8]) -> Option<u64> {
+    const FIELD: &[u8] = b",\"outbox\":";
+    let body = line.get(..line.len().checked_sub(SUFFIX_LEN)?)?;
+    let digits_at = body.iter().rposition(|b| !b.is_ascii_digit())? + 1;
+    let (head, digits) = body.split_at(digits_at);
+    if digits.is_empty() || !head.ends_with(FIELD) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
 /// Checks one line (without its `\n`) on its own: shape, fields and its own hash.
@@ -202,6 +236,9 @@ pub fn check_line(line: &[u8]) -> Result<Sealed, LineError> {
     }
     let ts = DateTime::parse_from_rfc3339(&stored.ts)
         .map_err(|e| LineError::BadTimestamp(e.to_string()))?;
+    if let Some(at) = &stored.at {
+        DateTime::parse_from_rfc3339(at).map_err(|e| LineError::BadTimestamp(e.to_string()))?;
+    }
     if hash_of(body) != stored.hash {
         return Err(LineError::HashMismatch { seq: stored.seq });
     }
@@ -210,6 +247,7 @@ pub fn check_line(line: &[u8]) -> Result<Sealed, LineError> {
         ts,
         prev: stored.prev,
         hash: stored.hash,
+        outbox: stored.outbox,
     })
 }
 

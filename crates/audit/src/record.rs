@@ -75,25 +75,33 @@ impl fmt::Display for Event {
 /// PHI hygiene: this type deliberately has no field for a message's subject, body or attachment
 /// names, and none may be added. Callers must not smuggle such content into `detail` either:
 /// `detail` is for sizes, counts, policy names, fallback steps, reasons and remote SMTP replies.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Record {
     /// What happened.
     pub event: Event,
     /// The queue id of the message concerned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_id: Option<String>,
     /// The authenticated (or attempted) submission user, or the administrator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
     /// The submitting client's IP address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_ip: Option<IpAddr>,
     /// The envelope recipient concerned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recipient: Option<String>,
     /// The MX (or smarthost) host name of a delivery attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mx: Option<String>,
     /// The IP address connected to for a delivery attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip: Option<IpAddr>,
     /// The TLS evidence of a delivery attempt, already serialised by the policy crate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<Json>,
     /// Event-specific facts (sizes, counts, policy, step, reason, remote reply, admin action).
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
     pub detail: Map<String, Value>,
 }
 
@@ -123,6 +131,13 @@ impl From<Value> for Json {
         Json(Arc::from(
             serde_json::value::to_raw_value(&value).unwrap_or_default(),
         ))
+    }
+}
+
+impl<'de> Deserialize<'de> for Json {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Json, D::Error> {
+        let raw: Box<RawValue> = Deserialize::deserialize(deserializer)?;
+        Ok(Json(Arc::from(raw)))
     }
 }
 

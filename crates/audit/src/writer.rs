@@ -8,11 +8,15 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use chrono::{SecondsFormat, Utc};
-use tokio::sync::{mpsc, oneshot};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::AuditError;
 use crate::files::{read_ends, sync_dir, LogPaths};
-use crate::line::{check_line, seal_into, LineError, GENESIS_PREV};
+use crate::line::{check_line, seal_into, LineError, Origin, GENESIS_PREV};
+use crate::outbox::{decode_or_verbatim, present_in};
 use crate::record::Record;
 
 /// Default size at which the current file is rotated: 64 MiB.
@@ -24,6 +28,10 @@ const QUEUE_DEPTH: usize = 4096;
 const MAX_BATCH: usize = 1024;
 /// Largest batch buffer kept for the next batch, bytes (a rare huge batch gives its memory back).
 const MAX_KEPT_BUF: usize = 1024 * 1024;
+/// Longest an outbox line waits for its fsync (its record is durable in the queue meanwhile).
+const LAZY_SYNC: Duration = Duration::from_millis(200);
+/// Most outbox lines written but not yet synced before the writer syncs anyway.
+const LAZY_MAX_LINES: usize = 4096;
 
 /// Where the audit log lives and when it rotates.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,10 +52,21 @@ impl AuditOptions {
     }
 }
 
-/// One record waiting to be written, and where to report the outcome.
-struct Job {
-    rec: Record,
-    reply: oneshot::Sender<Result<(), AuditError>>,
+/// One job for the writer, in the order the log must show it.
+pub(crate) enum Job {
+    /// A record whose caller waits until its line is on disk.
+    Record {
+        rec: Record,
+        reply: oneshot::Sender<Result<(), AuditError>>,
+    },
+    /// Rows the queue just committed, in seq order: written at once, synced lazily, and
+    /// reported through [`AuditLog::outbox_durable`].
+    Outbox(Vec<(u64, Vec<u8>)>),
+    /// Start-up: append the rows whose lines the log lacks, sync, answer with the last seq.
+    Replay {
+        rows: Vec<(u64, Vec<u8>)>,
+        reply: oneshot::Sender<Result<Option<u64>, AuditError>>,
+    },
 }
 
 /// A handle to the append-only, hash-chained audit log; clones share one writer.
@@ -60,10 +79,14 @@ pub struct AuditLog {
 }
 
 /// The shared part of every [`AuditLog`] clone.
-struct Inner {
+pub(crate) struct Inner {
     path: PathBuf,
-    tx: Option<mpsc::Sender<Job>>,
+    pub(crate) tx: Option<mpsc::Sender<Job>>,
     thread: Option<JoinHandle<()>>,
+    /// Set once the writer refuses records (after a failed write, fsync or rotation).
+    failed: Arc<AtomicBool>,
+    /// The highest outbox seq whose line is on disk (0: none yet).
+    durable: watch::Receiver<u64>,
     #[cfg(test)]
     syncs: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -247,6 +270,8 @@ impl AuditLog {
 
         #[cfg(test)]
         let syncs = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let failed = Arc::new(AtomicBool::new(false));
+        let (durable_tx, durable) = watch::channel(0);
         let mut writer = Writer {
             paths,
             file,
@@ -254,7 +279,12 @@ impl AuditLog {
             head,
             rotate_bytes: opts.rotate_bytes,
             poisoned: false,
+            failed: Arc::clone(&failed),
             buf: Vec::new(),
+            dirty_since: None,
+            dirty_lines: 0,
+            appended_outbox: 0,
+            durable_tx,
             _lock: lock,
             #[cfg(test)]
             syncs: Arc::clone(&syncs),
@@ -275,6 +305,8 @@ impl AuditLog {
                 path: opts.path,
                 tx: Some(tx),
                 thread: Some(thread),
+                failed,
+                durable,
                 #[cfg(test)]
                 syncs,
             }),
@@ -302,10 +334,44 @@ impl AuditLog {
     pub async fn submit(&self, rec: Record) -> Result<Durable, AuditError> {
         let tx = self.inner.tx.as_ref().ok_or(AuditError::Closed)?;
         let (reply, outcome) = oneshot::channel();
-        tx.send(Job { rec, reply })
+        tx.send(Job::Record { rec, reply })
             .await
             .map_err(|_| AuditError::Closed)?;
         Ok(Durable(outcome))
+    }
+
+    /// Whether the writer has stopped taking records after a failed write, fsync or rotation.
+    pub fn failed(&self) -> bool {
+        self.inner.failed.load(Ordering::SeqCst)
+    }
+
+    /// The highest outbox seq whose line is on disk (0 before the first); changes after each
+    /// sync that made new outbox lines durable.
+    pub fn outbox_durable(&self) -> watch::Receiver<u64> {
+        self.inner.durable.clone()
+    }
+
+    /// Appends, in order, the lines of those outbox `rows` (seq, row bytes) that the log does
+    /// not hold yet, syncs, and returns the highest seq of `rows` (now all durable in the log).
+    ///
+    /// For start-up, before any other record: the rows are what the queue still held, i.e.
+    /// committed decisions whose lines may or may not have reached the log before a crash.
+    /// The current file and the newest rotated file are searched for lines already there.
+    pub async fn replay_outbox(
+        &self,
+        rows: Vec<(u64, Vec<u8>)>,
+    ) -> Result<Option<u64>, AuditError> {
+        let tx = self.inner.tx.as_ref().ok_or(AuditError::Closed)?;
+        let (reply, outcome) = oneshot::channel();
+        tx.send(Job::Replay { rows, reply })
+            .await
+            .map_err(|_| AuditError::Closed)?;
+        outcome.await.map_err(|_| AuditError::Closed)?
+    }
+
+    /// A handle for the thread that commits outbox rows; it does not keep the log open.
+    pub fn outbox_writer(&self) -> crate::outbox::OutboxWriter {
+        crate::outbox::OutboxWriter::new(Arc::downgrade(&self.inner))
     }
 }
 
@@ -330,89 +396,279 @@ struct Writer {
     rotate_bytes: u64,
     /// Set after a failed write, fsync or rotation; every later record is refused.
     poisoned: bool,
+    /// `poisoned`, for [`AuditLog::failed`].
+    failed: Arc<AtomicBool>,
     /// The lines of the batch being written (kept between batches, so its memory is reused).
     buf: Vec<u8>,
+    /// When the oldest line written but not yet synced was written.
+    dirty_since: Option<Instant>,
+    /// Lines written but not yet synced.
+    dirty_lines: usize,
+    /// The highest outbox seq written to the file (0: none).
+    appended_outbox: u64,
+    /// Publishes the highest outbox seq on disk after each sync.
+    durable_tx: watch::Sender<u64>,
     /// Held (locked) for the writer's lifetime.
     _lock: File,
     #[cfg(test)]
     syncs: Arc<std::sync::atomic::AtomicU64>,
 }
 
-/// How the lines of one batch fared.
-struct BatchOutcome {
-    /// Per job: `Some(err)` when the record could not even be serialised.
+/// One line to write: a record and, for an outbox row, where it was decided.
+struct Entry<'a> {
+    rec: &'a Record,
+    origin: Option<Origin<'a>>,
+}
+
+/// How the lines of one run of entries fared.
+struct LinesOutcome {
+    /// Per entry: `Some(err)` when the record could not even be serialised.
     serialise_errors: Vec<Option<AuditError>>,
-    /// Jobs `..durable` are on disk even if a later step failed.
-    durable: usize,
-    /// The I/O failure that stopped the batch, if any.
+    /// Entries `..synced` are on disk even if a later step failed.
+    synced: usize,
+    /// The failure that stopped the run, if any.
     failure: Option<AuditError>,
+}
+
+/// What the writer does next.
+enum Next {
+    Job(Job),
+    /// Written outbox lines have waited [`LAZY_SYNC`]: sync them.
+    Due,
+    /// Every handle is gone.
+    Closed,
 }
 
 impl Writer {
     /// Takes batches off the queue until every handle is gone.
     fn run(&mut self, mut rx: mpsc::Receiver<Job>) {
+        // The lazy sync of outbox lines needs a timer; without one they are synced at once.
+        let timer = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(|e| tracing::warn!(error = %e, "audit writer has no timer; outbox lines are synced at once"))
+            .ok();
         let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
-        while let Some(job) = rx.blocking_recv() {
-            batch.push(job);
+        loop {
+            let first = match self.next(&mut rx, timer.as_ref()) {
+                Next::Job(job) => job,
+                Next::Due => {
+                    self.sync_dirty();
+                    continue;
+                }
+                Next::Closed => {
+                    self.sync_dirty();
+                    break;
+                }
+            };
+            batch.push(first);
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
                     Ok(job) => batch.push(job),
                     Err(_) => break,
                 }
             }
-            if self.poisoned {
-                for job in batch.drain(..) {
-                    let _ = job.reply.send(Err(AuditError::Poisoned {
-                        path: self.paths.current.clone(),
-                    }));
+            self.process(&mut batch, timer.is_some());
+        }
+    }
+
+    /// Waits for the next job, or until written outbox lines are due for their sync.
+    fn next(&self, rx: &mut mpsc::Receiver<Job>, timer: Option<&tokio::runtime::Runtime>) -> Next {
+        let job = match (self.dirty_since, timer) {
+            (Some(since), Some(rt)) => {
+                let deadline = tokio::time::Instant::from_std(since + LAZY_SYNC);
+                // the timer must be made inside the runtime
+                match rt.block_on(async { tokio::time::timeout_at(deadline, rx.recv()).await }) {
+                    Ok(job) => job,
+                    Err(_) => return Next::Due,
                 }
+            }
+            (Some(_), None) => return Next::Due,
+            (None, _) => rx.blocking_recv(),
+        };
+        job.map_or(Next::Closed, Next::Job)
+    }
+
+    /// Writes a batch in order; a replay runs after the jobs before it are written.
+    fn process(&mut self, batch: &mut Vec<Job>, lazy: bool) {
+        while let Some(at) = batch.iter().position(|j| matches!(j, Job::Replay { .. })) {
+            let mut rest = batch.split_off(at);
+            self.write_jobs(batch, lazy);
+            let Job::Replay { rows, reply } = rest.remove(0) else {
                 continue;
+            };
+            let result = if self.poisoned {
+                Err(self.poisoned_error())
+            } else {
+                self.replay(rows)
+            };
+            let _ = reply.send(result);
+            *batch = rest;
+        }
+        self.write_jobs(batch, lazy);
+    }
+
+    /// The error every record gets once the writer stopped.
+    fn poisoned_error(&self) -> AuditError {
+        AuditError::Poisoned {
+            path: self.paths.current.clone(),
+        }
+    }
+
+    /// Stops taking records after `err`.
+    fn poison(&mut self, err: &AuditError) {
+        self.poisoned = true;
+        self.failed.store(true, Ordering::SeqCst);
+        tracing::error!(error = %err, "audit log write failed; refusing further records");
+    }
+
+    /// Writes the records and outbox rows of `jobs` (no replays), syncing at once if a caller
+    /// waits (or `lazy` is false), and answers the callers; drains `jobs`.
+    fn write_jobs(&mut self, jobs: &mut Vec<Job>, lazy: bool) {
+        if jobs.is_empty() {
+            return;
+        }
+        if self.poisoned {
+            for job in jobs.drain(..) {
+                if let Job::Record { reply, .. } = job {
+                    let _ = reply.send(Err(self.poisoned_error()));
+                }
+                // outbox rows stay in the queue and are replayed at the next start
             }
-            let outcome = self.write_batch(&batch);
-            if let Some(err) = &outcome.failure {
-                self.poisoned = true;
-                tracing::error!(error = %err, "audit log write failed; refusing further records");
+            return;
+        }
+        let decoded: Vec<(u64, String, Record)> = jobs
+            .iter()
+            .filter_map(|job| match job {
+                Job::Outbox(rows) => Some(rows),
+                _ => None,
+            })
+            .flatten()
+            .map(|(seq, bytes)| decode_or_verbatim(*seq, bytes))
+            .collect();
+        let mut urgent = !lazy;
+        let mut entries = Vec::with_capacity(jobs.len() + decoded.len());
+        let mut rows = decoded.iter();
+        for job in jobs.iter() {
+            match job {
+                Job::Record { rec, .. } => {
+                    urgent = true;
+                    entries.push(Entry { rec, origin: None });
+                }
+                Job::Outbox(batch) => {
+                    for (seq, at, rec) in rows.by_ref().take(batch.len()) {
+                        let origin = Some(Origin { seq: *seq, at });
+                        entries.push(Entry { rec, origin });
+                    }
+                }
+                Job::Replay { .. } => {}
             }
-            let failure = outcome.failure;
-            for (i, (job, serialise_error)) in
-                batch.drain(..).zip(outcome.serialise_errors).enumerate()
-            {
-                let result = match (serialise_error, &failure) {
-                    (Some(err), _) => Err(err),
-                    (None, Some(err)) if i >= outcome.durable => Err(err.clone()),
-                    (None, _) => Ok(()),
-                };
-                // The caller may have given up waiting; the record stands either way.
-                let _ = job.reply.send(result);
+        }
+        let outcome = self.write_entries(&entries, urgent);
+        drop(entries);
+        if let Some(err) = &outcome.failure {
+            self.poison(err);
+        }
+        let mut errors = outcome.serialise_errors.into_iter();
+        let mut index = 0;
+        for job in jobs.drain(..) {
+            match job {
+                Job::Record { reply, .. } => {
+                    let result = match (errors.next().flatten(), &outcome.failure) {
+                        (Some(err), _) => Err(err),
+                        (None, _) if index < outcome.synced => Ok(()),
+                        (None, Some(err)) => Err(err.clone()),
+                        (None, None) => Err(AuditError::Closed),
+                    };
+                    // The caller may have given up waiting; the record stands either way.
+                    let _ = reply.send(result);
+                    index += 1;
+                }
+                Job::Outbox(rows) => {
+                    errors.by_ref().take(rows.len()).for_each(drop);
+                    index += rows.len();
+                }
+                Job::Replay { .. } => {}
             }
         }
     }
 
-    /// Seals and writes every record of `batch`, rotating as needed, then fsyncs once.
-    fn write_batch(&mut self, batch: &[Job]) -> BatchOutcome {
-        let outcome = BatchOutcome {
-            serialise_errors: Vec::with_capacity(batch.len()),
-            durable: 0,
-            failure: None,
+    /// Appends the lines of the outbox rows the log lacks (see [`AuditLog::replay_outbox`]).
+    fn replay(&mut self, mut rows: Vec<(u64, Vec<u8>)>) -> Result<Option<u64>, AuditError> {
+        rows.sort_by_key(|(seq, _)| *seq);
+        let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
+            return Ok(None);
         };
+        let (first, last) = (first.0, last.0);
+        let present = present_in(&self.paths, first)?;
+        let decoded: Vec<(u64, String, Record)> = rows
+            .iter()
+            .filter(|(seq, _)| !present.contains(seq))
+            .map(|(seq, bytes)| decode_or_verbatim(*seq, bytes))
+            .collect();
+        if !decoded.is_empty() {
+            tracing::warn!(
+                appended = decoded.len(),
+                already_logged = rows.len() - decoded.len(),
+                "appending audit records committed before an unclean stop"
+            );
+        }
+        let entries: Vec<Entry<'_>> = decoded
+            .iter()
+            .map(|(seq, at, rec)| Entry {
+                rec,
+                origin: Some(Origin { seq: *seq, at }),
+            })
+            .collect();
+        // The lines found in the file become durable with this sync too.
+        self.appended_outbox = self.appended_outbox.max(last);
+        let outcome = self.write_entries(&entries, true);
+        if let Some(err) = outcome.failure {
+            self.poison(&err);
+            return Err(err);
+        }
+        Ok(Some(last))
+    }
+
+    /// Syncs lines written lazily, if any.
+    fn sync_dirty(&mut self) {
+        if self.dirty_since.is_some() && !self.poisoned {
+            if let Err(e) = self.sync() {
+                self.poison(&e);
+            }
+        }
+    }
+
+    /// Seals and writes `entries`, rotating as needed; syncs if `sync_now` or if written lines
+    /// have waited long enough.
+    fn write_entries(&mut self, entries: &[Entry<'_>], sync_now: bool) -> LinesOutcome {
         let mut buf = std::mem::take(&mut self.buf);
         buf.clear();
         if buf.capacity() > MAX_KEPT_BUF {
             buf = Vec::new();
         }
-        let outcome = self.write_lines(batch, &mut buf, outcome);
+        let outcome = self.write_lines(entries, &mut buf, sync_now);
         self.buf = buf;
         outcome
     }
 
-    /// [`Writer::write_batch`]'s work, with `buf` to collect the lines in.
+    /// [`Writer::write_entries`]'s work, with `buf` to collect the lines in.
     fn write_lines(
         &mut self,
-        batch: &[Job],
+        entries: &[Entry<'_>],
         buf: &mut Vec<u8>,
-        mut outcome: BatchOutcome,
-    ) -> BatchOutcome {
-        for (i, job) in batch.iter().enumerate() {
+        sync_now: bool,
+    ) -> LinesOutcome {
+        let mut outcome = LinesOutcome {
+            serialise_errors: Vec::with_capacity(entries.len()),
+            synced: 0,
+            failure: None,
+        };
+        // the highest outbox seq among the lines in `buf`, and how many lines it holds
+        let (mut buf_outbox, mut buf_lines) = (0, 0);
+        let mut end = entries.len();
+        let mut stopped = None;
+        for (i, entry) in entries.iter().enumerate() {
             let seq = self.head.next_seq;
             let Some(next_seq) = seq.checked_add(1) else {
                 outcome
@@ -422,12 +678,18 @@ impl Writer {
             };
             let ts = Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true);
             let start = buf.len();
-            let hash = match seal_into(buf, seq, &ts, &self.head.prev, &job.rec) {
+            let hash = match seal_into(buf, seq, &ts, &self.head.prev, entry.rec, entry.origin) {
                 Ok(hash) => hash,
                 Err(e) => {
-                    outcome
-                        .serialise_errors
-                        .push(Some(AuditError::Serialize(Arc::new(e))));
+                    let err = AuditError::Serialize(Arc::new(e));
+                    if entry.origin.is_some() {
+                        // A committed row must reach the log before later rows count as
+                        // durable: stop here.
+                        end = i;
+                        stopped = Some(err);
+                        break;
+                    }
+                    outcome.serialise_errors.push(Some(err));
                     continue;
                 }
             };
@@ -437,12 +699,16 @@ impl Writer {
             if self.rotate_bytes > 0 && pending > 0 && pending + line_len > self.rotate_bytes {
                 // the lines before this one go to the current file, this one to the next
                 let before = buf.get(..start).unwrap_or_default();
-                if let Err(e) = self.append(before).and_then(|()| self.sync()) {
+                if let Err(e) = self
+                    .append_lines(before, buf_lines, buf_outbox)
+                    .and_then(|()| self.sync())
+                {
                     outcome.failure = Some(e);
                     return outcome;
                 }
                 buf.drain(..start);
-                outcome.durable = i;
+                (buf_outbox, buf_lines) = (0, 0);
+                outcome.synced = i;
                 if let Err(e) = self.rotate() {
                     outcome.failure = Some(e);
                     return outcome;
@@ -453,13 +719,41 @@ impl Writer {
             }
             self.head.next_seq = next_seq;
             self.head.prev = hash;
+            buf_lines += 1;
+            if let Some(origin) = entry.origin {
+                buf_outbox = buf_outbox.max(origin.seq);
+            }
         }
-        if let Err(e) = self.append(buf).and_then(|()| self.sync()) {
+        if let Err(e) = self.append_lines(buf, buf_lines, buf_outbox) {
             outcome.failure = Some(e);
             return outcome;
         }
-        outcome.durable = batch.len();
+        let waited = self.dirty_since.is_some_and(|t| t.elapsed() >= LAZY_SYNC);
+        if sync_now || waited || self.dirty_lines >= LAZY_MAX_LINES {
+            if let Err(e) = self.sync() {
+                outcome.failure = Some(e);
+                return outcome;
+            }
+            outcome.synced = end;
+        }
+        outcome.failure = stopped;
         outcome
+    }
+
+    /// Appends `lines` complete lines whose highest outbox seq is `max_outbox` (not yet durable).
+    fn append_lines(
+        &mut self,
+        bytes: &[u8],
+        lines: usize,
+        max_outbox: u64,
+    ) -> Result<(), AuditError> {
+        self.append(bytes)?;
+        if lines > 0 {
+            self.dirty_since.get_or_insert_with(Instant::now);
+            self.dirty_lines += lines;
+        }
+        self.appended_outbox = self.appended_outbox.max(max_outbox);
+        Ok(())
     }
 
     /// Writes `bytes` at the end of the current file (not yet durable).
@@ -477,7 +771,7 @@ impl Writer {
         Ok(())
     }
 
-    /// Flushes the current file's data to disk.
+    /// Flushes the current file's data to disk and publishes the outbox seq now durable.
     fn sync(&mut self) -> Result<(), AuditError> {
         self.file.sync_data().map_err(|source| AuditError::Sync {
             path: self.paths.current.clone(),
@@ -486,6 +780,11 @@ impl Writer {
         #[cfg(test)]
         self.syncs
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.dirty_since = None;
+        self.dirty_lines = 0;
+        if self.appended_outbox > *self.durable_tx.borrow() {
+            self.durable_tx.send_replace(self.appended_outbox);
+        }
         Ok(())
     }
 
@@ -544,7 +843,7 @@ impl AuditLog {
     }
 
     /// fsyncs of the current file so far.
-    fn syncs(&self) -> u64 {
+    pub(crate) fn syncs(&self) -> u64 {
         self.inner.syncs.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
@@ -987,6 +1286,7 @@ mod tests {
             log.record(sample(99)).await,
             Err(AuditError::Poisoned { .. })
         ));
+        assert!(log.failed());
         assert_eq!(std::fs::read(&squatter).unwrap(), b"keep me\n");
     }
 }

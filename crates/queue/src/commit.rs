@@ -20,6 +20,7 @@ use tokio::sync::oneshot;
 
 use crate::error::QueueError;
 use crate::id::QueueId;
+use crate::outbox::{Outbox, Rows};
 use crate::store::{op_err, table_err, Store, META};
 use crate::tables::Tables;
 
@@ -49,6 +50,10 @@ pub(crate) trait Op: Send {
     fn undo(&self, _t: &mut Tables<'_>) -> Result<(), QueueError> {
         Ok(())
     }
+    /// The outbox rows this write committed, with their seqs (taken once, after the commit).
+    fn take_outbox(&mut self) -> Vec<(u64, Vec<u8>)> {
+        Vec::new()
+    }
 }
 
 /// One enqueue waiting for its commit.
@@ -57,12 +62,15 @@ pub(crate) struct Insert {
     pub(crate) meta: Vec<u8>,
     pub(crate) body: Vec<u8>,
     pub(crate) due_ms: u64,
+    /// Audit records committed with the message.
+    pub(crate) rows: Rows,
     pub(crate) reply: oneshot::Sender<Result<(), QueueError>>,
 }
 
 impl Op for Insert {
     fn apply(&mut self, t: &mut Tables<'_>) -> Result<(), QueueError> {
-        insert(t, self)
+        insert(t, self)?;
+        self.rows.put(t)
     }
 
     fn finish(self: Box<Self>, result: Result<(), QueueError>) {
@@ -71,7 +79,7 @@ impl Op for Insert {
     }
 
     fn bytes(&self) -> usize {
-        self.meta.len() + self.body.len()
+        self.meta.len() + self.body.len() + self.rows.bytes()
     }
 
     fn landed(&self, store: &Store) -> bool {
@@ -85,7 +93,12 @@ impl Op for Insert {
     }
 
     fn undo(&self, t: &mut Tables<'_>) -> Result<(), QueueError> {
-        crate::engine::remove_message(t, self.id).map(drop)
+        crate::engine::remove_message(t, self.id)?;
+        self.rows.remove(t)
+    }
+
+    fn take_outbox(&mut self) -> Vec<(u64, Vec<u8>)> {
+        self.rows.take_committed()
     }
 }
 
@@ -156,14 +169,18 @@ pub(crate) struct Committer {
 
 impl Committer {
     /// Starts the committer thread; `max_batch` 1 disables grouping.
-    pub(crate) fn start(store: Arc<Store>, max_batch: usize) -> Result<Committer, QueueError> {
+    pub(crate) fn start(
+        store: Arc<Store>,
+        outbox: Arc<Outbox>,
+        max_batch: usize,
+    ) -> Result<Committer, QueueError> {
         let (tx, rx) = mpsc::channel::<Job>();
         let path = store.path().to_path_buf();
         let commits = Arc::new(AtomicU64::new(0));
         let counter = commits.clone();
         let thread = thread::Builder::new()
             .name("queue-commit".into())
-            .spawn(move || run(&store, &rx, max_batch.max(1), &counter))
+            .spawn(move || run(&store, &outbox, &rx, max_batch.max(1), &counter))
             .map_err(|e| QueueError::io("starting the committer thread", path, e))?;
         Ok(Committer {
             tx: Some(tx),
@@ -198,7 +215,13 @@ impl Drop for Committer {
     }
 }
 
-fn run(store: &Store, rx: &mpsc::Receiver<Job>, max_batch: usize, commits: &AtomicU64) {
+fn run(
+    store: &Store,
+    outbox: &Outbox,
+    rx: &mpsc::Receiver<Job>,
+    max_batch: usize,
+    commits: &AtomicU64,
+) {
     while let Ok(first) = rx.recv() {
         let mut bytes = first.bytes();
         let mut batch = vec![first];
@@ -214,11 +237,11 @@ fn run(store: &Store, rx: &mpsc::Receiver<Job>, max_batch: usize, commits: &Atom
         // Counted before any job of the batch is answered, so a caller that got its answer
         // sees its group in the count.
         commits.fetch_add(1, Ordering::SeqCst);
-        commit_batch(store, batch);
+        commit_batch(store, outbox, batch);
     }
 }
 
-fn commit_batch(store: &Store, mut batch: Vec<Job>) {
+fn commit_batch(store: &Store, outbox: &Outbox, mut batch: Vec<Job>) {
     let failed_syncs = store.health().sync_failures();
     // one set of open tables for the whole group
     let result = store.write("committing queue writes", |t| {
@@ -229,6 +252,9 @@ fn commit_batch(store: &Store, mut batch: Vec<Job>) {
     });
     let err = match result {
         Ok(()) => {
+            // The audit log gets the committed records before anyone hears of the commit, so
+            // they come ahead of any record made because of it.
+            outbox.committed(batch.iter_mut().flat_map(|job| job.take_outbox()).collect());
             for job in batch {
                 job.finish(Ok(()));
             }
@@ -248,9 +274,15 @@ fn commit_batch(store: &Store, mut batch: Vec<Job>) {
     let mut err = Some(err);
     for mut job in batch {
         match residue(store, &*job, synced, &mut durable) {
-            Residue::Durable => job.finish(Ok(())),
+            Residue::Durable => {
+                outbox.committed(job.take_outbox());
+                job.finish(Ok(()));
+            }
             Residue::Absent if rerun => {
                 let result = store.write("committing a queue write", |t| job.apply(t));
+                if result.is_ok() {
+                    outbox.committed(job.take_outbox());
+                }
                 job.finish(result);
             }
             Residue::Absent | Residue::Removed => job.finish(Err(take_or_copy(&mut err))),

@@ -22,6 +22,8 @@ pub(crate) enum Kind {
     Meta,
     /// The message body.
     Body,
+    /// An audit record in the outbox.
+    Outbox,
 }
 
 impl Kind {
@@ -29,6 +31,7 @@ impl Kind {
         match self {
             Kind::Meta => b'm',
             Kind::Body => b'b',
+            Kind::Outbox => b'o',
         }
     }
 }

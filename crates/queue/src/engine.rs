@@ -29,6 +29,8 @@ pub(crate) struct Inner {
     pub(crate) hot: HotBodies,
     /// Delivery's hand-off for just-committed messages, if it takes them.
     pub(crate) handoff: std::sync::RwLock<Option<Arc<dyn crate::Handoff>>>,
+    /// Audit records committed with their decisions, until the audit log has them.
+    pub(crate) outbox: Arc<crate::outbox::Outbox>,
 }
 
 impl Inner {
@@ -421,6 +423,7 @@ impl Inner {
                                 .map_err(op_err(ctx))?
                                 .map(|g| g.value().to_vec()),
                             Kind::Body => body::get_in(t, id)?,
+                            Kind::Outbox => None,
                         };
                         let Some(sealed) = sealed else { continue };
                         if crypto::key_id(&sealed) == Some(&primary[..]) {
@@ -443,6 +446,7 @@ impl Inner {
                                     .map_err(op_err(ctx))?;
                             }
                             Kind::Body => body::replace(t, id, &resealed)?,
+                            Kind::Outbox => {}
                         }
                         changed = true;
                     }
@@ -455,6 +459,9 @@ impl Inner {
             done += chunk.len() as u64;
             progress(done, total);
         }
+        // audit records waiting in the outbox (not counted as messages)
+        self.store
+            .write(ctx, |t| crate::outbox::rekey(&self.core, t, &primary[..]))?;
         Ok(rekeyed)
     }
 }

@@ -91,6 +91,15 @@ pub enum QueueError {
     /// The queue's background committer has stopped.
     #[error("the queue committer has stopped")]
     Closed,
+    /// An audit record could not be turned into an outbox row.
+    #[error("an audit record for the outbox could not be serialised: {0}")]
+    OutboxRow(String),
+    /// The audit log has not taken the outbox's rows for a while.
+    #[error("{rows} audit records are waiting for the audit log; refusing new ones")]
+    OutboxFull {
+        /// Rows waiting.
+        rows: u64,
+    },
 }
 
 impl QueueError {

@@ -15,6 +15,7 @@ mod handoff;
 mod hot;
 mod id;
 mod keys;
+mod outbox;
 mod record;
 mod schedule;
 mod store;
@@ -35,12 +36,14 @@ pub use error::QueueError;
 pub use handoff::{Enqueued, Handoff, HandoffSlot};
 pub use id::{ParseQueueIdError, QueueId};
 pub use keys::{KeyError, Keyring};
+pub use outbox::OutboxSink;
 pub use record::{Envelope, RecipientSpec, RecipientState};
 
 use crate::commit::{Change, Committer, Insert};
 use crate::crypto::Kind;
 use crate::engine::{Core, Inner};
 use crate::hot::HotBodies;
+use crate::outbox::{Outbox, Rows};
 use crate::record::MessageRecord;
 use crate::schedule::to_ms;
 use crate::store::{Store, STORE_FILE};
@@ -79,6 +82,8 @@ pub struct Tuning {
     pub max_batch: usize,
     /// Bytes of just-enqueued bodies kept in memory for their first delivery (0 = none).
     pub hot_bytes: usize,
+    /// Audit records waiting in the outbox before new ones are refused.
+    pub outbox_limit: u64,
 }
 
 impl Default for Tuning {
@@ -86,6 +91,7 @@ impl Default for Tuning {
         Tuning {
             max_batch: 256,
             hot_bytes: hot::DEFAULT_BUDGET,
+            outbox_limit: outbox::DEFAULT_LIMIT,
         }
     }
 }
@@ -185,7 +191,8 @@ impl Queue {
             .map_err(|e| QueueError::io("creating the queue directory", opts.dir.clone(), e))?;
         crypto::warm_up().map_err(|_| QueueError::Encrypt)?;
         let store = Arc::new(Store::open(&opts.dir.join(STORE_FILE))?);
-        let committer = Committer::start(store.clone(), tuning.max_batch)?;
+        let outbox = Arc::new(Outbox::load(&store, tuning.outbox_limit)?);
+        let committer = Committer::start(store.clone(), outbox.clone(), tuning.max_batch)?;
         let inner = Inner {
             store,
             core: Arc::new(Core {
@@ -197,6 +204,7 @@ impl Queue {
             committer,
             hot: HotBodies::new(tuning.hot_bytes),
             handoff: Default::default(),
+            outbox,
         };
         let recovered = inner.recover_leases()?;
         if recovered > 0 {
@@ -232,6 +240,19 @@ impl Queue {
     /// (or the drop of the returned value): the caller can first record the acceptance, or
     /// [`Enqueued::withdraw`] the message if it cannot.
     pub async fn enqueue_held(&self, env: Envelope, body: Vec<u8>) -> Result<Enqueued, QueueError> {
+        self.enqueue_recorded(env, body, |_| Ok(Vec::new())).await
+    }
+
+    /// [`enqueue_held`](Self::enqueue_held) that also commits audit records about the new
+    /// message (`rows` gets its id) in the same transaction: they are in the outbox when this
+    /// returns, and the sink gets them before delivery can start (see `outbox.rs`). Refused
+    /// with [`QueueError::OutboxFull`] while too many records wait for the audit log.
+    pub async fn enqueue_recorded(
+        &self,
+        env: Envelope,
+        body: Vec<u8>,
+        rows: impl FnOnce(QueueId) -> Result<Vec<Vec<u8>>, String> + Send + 'static,
+    ) -> Result<Enqueued, QueueError> {
         if env.recipients.is_empty() {
             return Err(QueueError::NoRecipients);
         }
@@ -252,12 +273,20 @@ impl Queue {
             })?;
             let meta = inner.core.seal(id, Kind::Meta, &plain)?;
             let sealed = inner.core.seal(id, Kind::Body, &body)?;
+            let rows = match rows(id).map_err(QueueError::OutboxRow)? {
+                plain if plain.is_empty() => Rows::none(),
+                plain => {
+                    inner.outbox.check_room()?;
+                    Rows::seal(&inner.core, id, plain)?
+                }
+            };
             let (reply, rx) = oneshot::channel();
             let job = Insert {
                 id,
                 meta,
                 body: sealed,
                 due_ms: to_ms(lease.as_ref().and(lease_until).unwrap_or(arrival)),
+                rows,
                 reply,
             };
             Ok((job, rx, body, lease))
@@ -288,6 +317,32 @@ impl Queue {
             slot.zip(lease),
             self.inner.notify.clone(),
         ))
+    }
+
+    /// Sets (or with `None` removes) where committed audit records go: called on the committer
+    /// thread with each commit's rows (seq, record), in seq order.
+    pub fn set_outbox_sink(&self, sink: Option<OutboxSink>) {
+        self.inner.outbox.set_sink(sink);
+    }
+
+    /// Every audit record still in the outbox (seq, record), in seq order: at a start, the ones
+    /// the audit log may lack.
+    pub async fn outbox_pending(&self) -> Result<Vec<(u64, Vec<u8>)>, QueueError> {
+        self.blocking(|inner| outbox::pending(&inner.store, &inner.core))
+            .await
+    }
+
+    /// Drops the outbox's records up to seq `through` (the audit log has them on disk);
+    /// returns how many.
+    pub async fn outbox_trim(&self, through: u64) -> Result<u64, QueueError> {
+        let dropped = self.committed(move |_, t| outbox::trim(t, through)).await?;
+        self.inner.outbox.trimmed(through);
+        Ok(dropped)
+    }
+
+    /// Audit records committed but not yet dropped from the outbox.
+    pub fn outbox_waiting(&self) -> u64 {
+        self.inner.outbox.waiting()
     }
 
     /// Lets delivery take just-committed messages directly (`None` stops it; messages then wait

@@ -27,6 +27,12 @@ pub(crate) const QUARANTINE_META: TableDefinition<u128, &[u8]> =
 pub(crate) const QUARANTINE_BODY: TableDefinition<u128, &[u8]> =
     TableDefinition::new("quarantine_body");
 
+/// Sealed audit records committed with the decision they record, by outbox seq, until the
+/// audit log has them on disk (see `outbox.rs`): message id (16 bytes, big-endian) | sealed.
+pub(crate) const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+/// The outbox's counter: `"next"` → the seq the next row gets (seqs are never reused).
+pub(crate) const OUTBOX_STATE: TableDefinition<&str, u64> = TableDefinition::new("outbox_state");
+
 /// The file name of the store inside the queue directory.
 pub(crate) const STORE_FILE: &str = "queue.redb";
 
@@ -55,6 +61,10 @@ impl Store {
             txn.open_table(DUE_BY_ID)
                 .map_err(|e| corrupt_or(path, "creating tables", e))?;
             txn.open_table(BODY_CHUNKS)
+                .map_err(|e| corrupt_or(path, "creating tables", e))?;
+            txn.open_table(OUTBOX)
+                .map_err(|e| corrupt_or(path, "creating tables", e))?;
+            txn.open_table(OUTBOX_STATE)
                 .map_err(|e| corrupt_or(path, "creating tables", e))?;
         }
         txn.commit()

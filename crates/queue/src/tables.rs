@@ -13,7 +13,8 @@ use redb::{Key, Table, TableDefinition, Value, WriteTransaction};
 
 use crate::error::QueueError;
 use crate::store::{
-    table_err, BODY, BODY_CHUNKS, DUE, DUE_BY_ID, META, QUARANTINE_BODY, QUARANTINE_META,
+    table_err, BODY, BODY_CHUNKS, DUE, DUE_BY_ID, META, OUTBOX, OUTBOX_STATE, QUARANTINE_BODY,
+    QUARANTINE_META,
 };
 
 /// A table of sealed bytes by queue id.
@@ -24,6 +25,10 @@ pub(crate) type ChunkTable<'t> = Table<'t, (u128, u32), &'static [u8]>;
 pub(crate) type DueTable<'t> = Table<'t, (u64, u128), ()>;
 /// Each message's current due ms.
 pub(crate) type DueByIdTable<'t> = Table<'t, u128, u64>;
+/// The outbox: seq → id | sealed audit record.
+pub(crate) type OutboxTable<'t> = Table<'t, u64, &'static [u8]>;
+/// The outbox's counter.
+pub(crate) type OutboxStateTable<'t> = Table<'t, &'static str, u64>;
 
 /// The tables of one write transaction, opened on first use and closed when dropped (before
 /// the transaction commits).
@@ -36,6 +41,8 @@ pub(crate) struct Tables<'t> {
     due_by_id: Option<DueByIdTable<'t>>,
     quarantine_meta: Option<BytesTable<'t>>,
     quarantine_body: Option<BytesTable<'t>>,
+    outbox: Option<OutboxTable<'t>>,
+    outbox_state: Option<OutboxStateTable<'t>>,
 }
 
 /// The table in `slot`, opening it first if needed.
@@ -64,6 +71,8 @@ impl<'t> Tables<'t> {
             due_by_id: None,
             quarantine_meta: None,
             quarantine_body: None,
+            outbox: None,
+            outbox_state: None,
         }
     }
 
@@ -118,6 +127,16 @@ impl<'t> Tables<'t> {
         let meta = open(self.txn, &mut self.quarantine_meta, QUARANTINE_META, ctx)?;
         let body = open(self.txn, &mut self.quarantine_body, QUARANTINE_BODY, ctx)?;
         Ok((meta, body))
+    }
+
+    /// The outbox rows and its counter, together.
+    pub(crate) fn outbox(
+        &mut self,
+        ctx: &'static str,
+    ) -> Result<(&mut OutboxTable<'t>, &mut OutboxStateTable<'t>), QueueError> {
+        let rows = open(self.txn, &mut self.outbox, OUTBOX, ctx)?;
+        let state = open(self.txn, &mut self.outbox_state, OUTBOX_STATE, ctx)?;
+        Ok((rows, state))
     }
 }
 

@@ -14,6 +14,7 @@ use crate::store::{BODY, BODY_CHUNKS, META};
 mod faults;
 mod faults_support;
 mod handoff;
+mod outbox;
 
 const KEY_A: [u8; 32] = [0xA1; 32];
 const KEY_B: [u8; 32] = [0xB2; 32];

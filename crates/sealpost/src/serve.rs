@@ -96,6 +96,7 @@ pub async fn run(source: ConfigSource) -> Result<()> {
         queue.set_fresh_body_budget(0);
     }
     let audit = open_audit(&config)?;
+    let outbox_task = connect_outbox(&queue, &audit).await?;
     let admin_path = config.admin_socket();
     let rt = runtime(config.clone())?;
     // The HTTP endpoint is bound before the SMTP listeners: once those accept, it does too.
@@ -195,8 +196,54 @@ pub async fn run(source: ConfigSource) -> Result<()> {
     }
     let _ = std::fs::remove_file(&admin_path);
     audit.record(Record::new(Event::Stopped)).await?;
+    // The `stopped` record's sync made every outbox line before it durable: drop those rows
+    // now, so a clean start has nothing to replay.
+    outbox_task.abort();
+    queue.set_outbox_sink(None);
+    let through = *audit.outbox_durable().borrow();
+    if through > 0 {
+        if let Err(e) = queue.outbox_trim(through).await {
+            tracing::warn!(error = %e, "could not drop logged audit records from the queue; the next start skips them");
+        }
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Connects the queue's outbox to the audit log: appends the records a crash left in the queue
+/// (those the log lacks), then hands each commit's records to the log and drops them from the
+/// queue once the log has them on disk. Returns the task doing the dropping.
+pub async fn connect_outbox(
+    queue: &Queue,
+    audit: &AuditLog,
+) -> Result<tokio::task::JoinHandle<()>> {
+    let pending = queue
+        .outbox_pending()
+        .await
+        .context("reading the audit records waiting in the queue")?;
+    if let Some(through) = audit
+        .replay_outbox(pending)
+        .await
+        .context("appending the audit records waiting in the queue to the audit log")?
+    {
+        queue
+            .outbox_trim(through)
+            .await
+            .context("dropping the audit records the log now holds from the queue")?;
+    }
+    let writer = audit.outbox_writer();
+    queue.set_outbox_sink(Some(Arc::new(move |rows| writer.append(rows))));
+    let mut durable = audit.outbox_durable();
+    let queue = queue.clone();
+    Ok(tokio::spawn(async move {
+        // ends when the audit log closes
+        while durable.changed().await.is_ok() {
+            let through = *durable.borrow_and_update();
+            if let Err(e) = queue.outbox_trim(through).await {
+                tracing::warn!(error = %e, "could not drop logged audit records from the queue; they are skipped at the next start");
+            }
+        }
+    }))
 }
 
 /// Records an audit `quarantined` event for every message the queue moved aside.

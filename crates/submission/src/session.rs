@@ -7,7 +7,7 @@ use crate::stream::{Conn, Transport};
 use crate::{Runtime, Shared};
 use sealpost_audit::{Event, Record};
 use sealpost_config::ListenerMode;
-use sealpost_queue::{Envelope, QueueError, RecipientSpec};
+use sealpost_queue::{Envelope, QueueError, QueueId, RecipientSpec};
 use sealpost_smtp::{
     read_data, Command, DataError, DataLimits, EnhancedStatus as S, LineError, LineReader,
     MailParams, Mailbox, Notify, ParseOptions, RcptParams, Reply, Ret, ReversePath,
@@ -755,12 +755,33 @@ impl Session {
             received_at: SystemTime::now(),
         };
         let queued_size = prepared.message.len();
-        // Delivery waits until the acceptance is on record: the audit trail shows `accepted`
-        // before any attempt, and a message withdrawn below is never sent.
+        if self.shared.audit.failed() {
+            // Nothing accepted goes unaudited: the audit log takes no records.
+            tracing::error!("the audit log has failed; message refused with a temporary error");
+            return Reply::new(451, Some(S::TEMP_SYSTEM), "Temporary service failure");
+        }
+        let mut rec = Record::new(Event::Accepted)
+            .client_ip(self.peer.ip())
+            .detail("recipients", rcpt_count as u64)
+            .detail("size", queued_size as u64)
+            .detail("received_size", size as u64)
+            .detail("policy", policy)
+            .detail("tls", self.tls.clone().unwrap_or_else(|| "none".into()))
+            .detail("listener", self.listener.local.to_string());
+        if let Some(u) = &self.user {
+            rec = rec.user(u.name.clone());
+        }
+        // The `accepted` record is committed with the message (the queue's outbox): both are
+        // durable before the 250, and the audit log gets the record ahead of any attempt.
+        let accepted = move |id: QueueId| {
+            sealpost_audit::encode_row(&rec.queue_id(id.to_string()))
+                .map(|row| vec![row])
+                .map_err(|e| e.to_string())
+        };
         let queued = match self
             .shared
             .queue
-            .enqueue_held(envelope, prepared.message)
+            .enqueue_recorded(envelope, prepared.message, accepted)
             .await
         {
             Ok(queued) => queued,
@@ -775,27 +796,6 @@ impl Session {
             }
         };
         let id = queued.id();
-        let mut rec = Record::new(Event::Accepted)
-            .queue_id(id.to_string())
-            .client_ip(self.peer.ip())
-            .detail("recipients", rcpt_count as u64)
-            .detail("size", queued_size as u64)
-            .detail("received_size", size as u64)
-            .detail("policy", policy)
-            .detail("tls", self.tls.clone().unwrap_or_else(|| "none".into()))
-            .detail("listener", self.listener.local.to_string());
-        if let Some(u) = &self.user {
-            rec = rec.user(u.name.clone());
-        }
-        if let Err(e) = self.shared.audit.record(rec).await {
-            // Nothing was acknowledged yet: take the message back rather than hold unaudited PHI.
-            queued.withdraw();
-            tracing::error!(error = %e, queue_id = %id, "audit write failed; withdrawing the message");
-            if let Err(e) = self.shared.queue.delete(id).await {
-                tracing::error!(error = %e, queue_id = %id, "could not withdraw the message after an audit failure");
-            }
-            return Reply::new(451, Some(S::TEMP_SYSTEM), "Temporary service failure");
-        }
         queued.release();
         tracing::info!(queue_id = %id, recipients = rcpt_count, size = queued_size, "accepted");
         metrics::counter!("sealpost_messages_accepted_total").increment(1);
