@@ -210,6 +210,9 @@ pub async fn run(source: ConfigSource) -> Result<()> {
     Ok(())
 }
 
+/// How often audit records the log has on disk are dropped from the queue.
+const OUTBOX_TRIM_EVERY: Duration = Duration::from_secs(1);
+
 /// Connects the queue's outbox to the audit log: appends the records a crash left in the queue
 /// (those the log lacks), then hands each commit's records to the log and drops them from the
 /// queue once the log has them on disk. Returns the task doing the dropping.
@@ -238,6 +241,9 @@ pub async fn connect_outbox(
     Ok(tokio::spawn(async move {
         // ends when the audit log closes
         while durable.changed().await.is_ok() {
+            // Each drop is a queue write: gather a second's worth (a few thousand small rows
+            // at full load) instead of one per audit sync.
+            tokio::time::sleep(OUTBOX_TRIM_EVERY).await;
             let through = *durable.borrow_and_update();
             if let Err(e) = queue.outbox_trim(through).await {
                 tracing::warn!(error = %e, "could not drop logged audit records from the queue; they are skipped at the next start");
