@@ -20,11 +20,9 @@ use crate::crypto::Kind;
 use crate::engine::Core;
 use crate::error::QueueError;
 use crate::id::QueueId;
-use crate::store::{op_err, table_err, Store, OUTBOX, OUTBOX_STATE};
+use crate::store::{op_err, table_err, Store, OUTBOX, OUTBOX_NEXT, OUTBOX_STATE};
 use crate::tables::Tables;
 
-/// The counter's key in `OUTBOX_STATE`.
-const NEXT: &str = "next";
 /// Rows waiting for the audit log before new records are refused (about 40 MB).
 pub(crate) const DEFAULT_LIMIT: u64 = 100_000;
 
@@ -80,17 +78,11 @@ impl Rows {
             return Ok(());
         }
         let ctx = "adding audit records to the outbox";
-        let (rows, state) = t.outbox(ctx)?;
-        let first = state
-            .get(NEXT)
-            .map_err(op_err(ctx))?
-            .map_or(1, |g| g.value());
-        let mut seq = first;
-        for row in &self.sealed {
+        let first = t.outbox_seqs(self.sealed.len() as u64, ctx)?;
+        let rows = t.outbox(ctx)?;
+        for (row, seq) in self.sealed.iter().zip(first..) {
             rows.insert(seq, row.as_slice()).map_err(op_err(ctx))?;
-            seq += 1;
         }
-        state.insert(NEXT, seq).map_err(op_err(ctx))?;
         self.first = Some(first);
         Ok(())
     }
@@ -101,7 +93,7 @@ impl Rows {
             return Ok(());
         };
         let ctx = "removing audit records from the outbox";
-        let (rows, _) = t.outbox(ctx)?;
+        let rows = t.outbox(ctx)?;
         for seq in first..first + self.sealed.len() as u64 {
             rows.remove(seq).map_err(op_err(ctx))?;
         }
@@ -139,18 +131,18 @@ impl Outbox {
         let (committed, oldest) = store.read(ctx, |txn| {
             let state = txn.open_table(OUTBOX_STATE).map_err(table_err(ctx))?;
             let next = state
-                .get(NEXT)
+                .get(OUTBOX_NEXT)
                 .map_err(op_err(ctx))?
                 .map_or(1, |g| g.value());
             let rows = txn.open_table(OUTBOX).map_err(table_err(ctx))?;
             let oldest = rows.first().map_err(op_err(ctx))?.map(|(k, _)| k.value());
-            Ok((next - 1, oldest))
+            Ok((next.saturating_sub(1), oldest))
         })?;
         Ok(Outbox {
             sink: RwLock::new(None),
             limit,
             committed: AtomicU64::new(committed),
-            trimmed: AtomicU64::new(oldest.map_or(committed, |seq| seq - 1)),
+            trimmed: AtomicU64::new(oldest.map_or(committed, |seq| seq.saturating_sub(1))),
         })
     }
 
@@ -203,7 +195,7 @@ impl Outbox {
 /// Drops the rows up to `through` inside `t`; returns how many.
 pub(crate) fn trim(t: &mut Tables<'_>, through: u64) -> Result<u64, QueueError> {
     let ctx = "dropping audit records the log has";
-    let (rows, _) = t.outbox(ctx)?;
+    let rows = t.outbox(ctx)?;
     let mut dropped = 0;
     rows.retain_in(..=through, |_, _| {
         dropped += 1;
@@ -250,7 +242,7 @@ fn open_row(core: &Core, seq: u64, value: &[u8]) -> Vec<u8> {
 /// Re-seals the rows not under the primary key inside `t`; returns how many.
 pub(crate) fn rekey(core: &Core, t: &mut Tables<'_>, primary: &[u8]) -> Result<u64, QueueError> {
     let ctx = "re-encrypting outbox records";
-    let (rows, _) = t.outbox(ctx)?;
+    let rows = t.outbox(ctx)?;
     let mut stale = Vec::new();
     for entry in rows.iter().map_err(op_err(ctx))? {
         let (k, v) = entry.map_err(op_err(ctx))?;

@@ -30,8 +30,10 @@ pub(crate) const QUARANTINE_BODY: TableDefinition<u128, &[u8]> =
 /// Sealed audit records committed with the decision they record, by outbox seq, until the
 /// audit log has them on disk (see `outbox.rs`): message id (16 bytes, big-endian) | sealed.
 pub(crate) const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
-/// The outbox's counter: `"next"` → the seq the next row gets (seqs are never reused).
+/// The outbox's counter: [`OUTBOX_NEXT`] → the seq the next row gets (seqs are never reused).
 pub(crate) const OUTBOX_STATE: TableDefinition<&str, u64> = TableDefinition::new("outbox_state");
+/// The counter's key in [`OUTBOX_STATE`].
+pub(crate) const OUTBOX_NEXT: &str = "next";
 
 /// The file name of the store inside the queue directory.
 pub(crate) const STORE_FILE: &str = "queue.redb";
@@ -140,8 +142,10 @@ impl Store {
         let txn = db
             .begin_write()
             .map_err(|e| QueueError::storage(context, e))?;
+        let mut tables = Tables::new(&txn);
+        let result = f(&mut tables);
         // the tables close here, before the commit
-        let result = f(&mut Tables::new(&txn));
+        let result = tables.finish(context).and(result);
         match result {
             Ok(value) => {
                 txn.commit().map_err(|e| QueueError::storage(context, e))?;

@@ -9,12 +9,12 @@
 //! Write paths reach the transaction only through [`Tables`], so no table can be opened twice
 //! (redb refuses that at run time).
 
-use redb::{Key, Table, TableDefinition, Value, WriteTransaction};
+use redb::{Key, ReadableTable, Table, TableDefinition, Value, WriteTransaction};
 
 use crate::error::QueueError;
 use crate::store::{
-    table_err, BODY, BODY_CHUNKS, DUE, DUE_BY_ID, META, OUTBOX, OUTBOX_STATE, QUARANTINE_BODY,
-    QUARANTINE_META,
+    op_err, table_err, BODY, BODY_CHUNKS, DUE, DUE_BY_ID, META, OUTBOX, OUTBOX_NEXT, OUTBOX_STATE,
+    QUARANTINE_BODY, QUARANTINE_META,
 };
 
 /// A table of sealed bytes by queue id.
@@ -43,6 +43,9 @@ pub(crate) struct Tables<'t> {
     quarantine_body: Option<BytesTable<'t>>,
     outbox: Option<OutboxTable<'t>>,
     outbox_state: Option<OutboxStateTable<'t>>,
+    /// The outbox seq the next row gets, once this transaction handed one out (written back
+    /// once, by [`Tables::finish`], instead of once per write of a group).
+    outbox_next: Option<u64>,
 }
 
 /// The table in `slot`, opening it first if needed.
@@ -73,6 +76,7 @@ impl<'t> Tables<'t> {
             quarantine_body: None,
             outbox: None,
             outbox_state: None,
+            outbox_next: None,
         }
     }
 
@@ -129,14 +133,33 @@ impl<'t> Tables<'t> {
         Ok((meta, body))
     }
 
-    /// The outbox rows and its counter, together.
-    pub(crate) fn outbox(
-        &mut self,
-        ctx: &'static str,
-    ) -> Result<(&mut OutboxTable<'t>, &mut OutboxStateTable<'t>), QueueError> {
-        let rows = open(self.txn, &mut self.outbox, OUTBOX, ctx)?;
-        let state = open(self.txn, &mut self.outbox_state, OUTBOX_STATE, ctx)?;
-        Ok((rows, state))
+    /// The outbox rows.
+    pub(crate) fn outbox(&mut self, ctx: &'static str) -> Result<&mut OutboxTable<'t>, QueueError> {
+        open(self.txn, &mut self.outbox, OUTBOX, ctx)
+    }
+
+    /// Hands out `count` consecutive outbox seqs; returns the first.
+    pub(crate) fn outbox_seqs(&mut self, count: u64, ctx: &'static str) -> Result<u64, QueueError> {
+        let first = match self.outbox_next {
+            Some(next) => next,
+            None => open(self.txn, &mut self.outbox_state, OUTBOX_STATE, ctx)?
+                .get(OUTBOX_NEXT)
+                .map_err(op_err(ctx))?
+                .map_or(1, |g| g.value()),
+        };
+        self.outbox_next = Some(first.saturating_add(count));
+        Ok(first)
+    }
+
+    /// Writes back what the transaction keeps in memory (the outbox counter); called once,
+    /// before the commit.
+    pub(crate) fn finish(mut self, ctx: &'static str) -> Result<(), QueueError> {
+        if let Some(next) = self.outbox_next {
+            open(self.txn, &mut self.outbox_state, OUTBOX_STATE, ctx)?
+                .insert(OUTBOX_NEXT, next)
+                .map_err(op_err(ctx))?;
+        }
+        Ok(())
     }
 }
 
