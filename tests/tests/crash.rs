@@ -20,10 +20,11 @@ const CLIENTS: usize = 8;
 const KILLS: usize = 3;
 /// `delivery.max_connections`.
 const MAX_DELIVERY_CONNECTIONS: usize = 4;
-/// Messages the engine may have in flight at once (twice its connections, docs/architecture.md):
-/// each one delivered but not yet recorded when the relay is killed is delivered again after the
+/// Messages the engine may hold between lease and recorded outcome (docs/architecture.md): twice
+/// its connections being delivered plus twice that many delivered and awaiting their record.
+/// Each one delivered but not yet recorded when the relay is killed is delivered again after the
 /// restart, so this bounds the duplicates per kill.
-const MAX_IN_FLIGHT: usize = 2 * MAX_DELIVERY_CONNECTIONS;
+const MAX_IN_FLIGHT: usize = 2 * MAX_DELIVERY_CONNECTIONS + 4 * MAX_DELIVERY_CONNECTIONS;
 const FROM: &str = "billing@clinic.example";
 const TO: &str = "patient@crash.test";
 

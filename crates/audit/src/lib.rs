@@ -88,6 +88,6 @@ pub use line::{check_line, LineError, Sealed, GENESIS_PREV};
 pub use outbox::{encode_row, OutboxWriter};
 pub use record::{Event, Json, Record};
 pub use verify::{verify, verify_with, VerifyError, VerifyOptions, VerifyReport};
-pub use writer::{AuditLog, AuditOptions, Durable, DEFAULT_ROTATE_BYTES};
+pub use writer::{AuditLog, AuditOptions, Durable, DEFAULT_ROTATE_BYTES, SOON_SYNC};
 #[cfg(test)]
 mod test_support;

@@ -32,6 +32,8 @@ const MAX_KEPT_BUF: usize = 1024 * 1024;
 const LAZY_SYNC: Duration = Duration::from_millis(200);
 /// Most outbox lines written but not yet synced before the writer syncs anyway.
 const LAZY_MAX_LINES: usize = 4096;
+/// Longest a record handed over with [`AuditLog::submit_soon`] waits for its fsync.
+pub const SOON_SYNC: Duration = Duration::from_millis(20);
 
 /// Where the audit log lives and when it rotates.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +60,8 @@ pub(crate) enum Job {
     Record {
         rec: Record,
         reply: oneshot::Sender<Result<(), AuditError>>,
+        /// When the writer syncs for it.
+        sync: SyncWhen,
     },
     /// Rows the queue just committed, in seq order: written at once, synced lazily, and
     /// reported through [`AuditLog::outbox_durable`].
@@ -67,6 +71,15 @@ pub(crate) enum Job {
         rows: Vec<(u64, Vec<u8>)>,
         reply: oneshot::Sender<Result<Option<u64>, AuditError>>,
     },
+}
+
+/// When the writer syncs a record a caller waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SyncWhen {
+    /// Right after writing its batch.
+    Now,
+    /// Within [`SOON_SYNC`], sharing the fsync with whatever else is written meanwhile.
+    Soon,
 }
 
 /// A handle to the append-only, hash-chained audit log; clones share one writer.
@@ -284,6 +297,8 @@ impl AuditLog {
             dirty_since: None,
             dirty_lines: 0,
             appended_outbox: 0,
+            waiters: Vec::new(),
+            waiting_since: None,
             durable_tx,
             _lock: lock,
             #[cfg(test)]
@@ -332,9 +347,23 @@ impl AuditLog {
     /// A caller producing several records for one event submits them all and waits for them
     /// together, so they share one fsync instead of paying one each.
     pub async fn submit(&self, rec: Record) -> Result<Durable, AuditError> {
+        self.hand_over(rec, SyncWhen::Now).await
+    }
+
+    /// [`AuditLog::submit`] for a caller that can wait a little: the line is written at once
+    /// (in call order, like every record) but its fsync may wait up to [`SOON_SYNC`], so that
+    /// records arriving meanwhile share it.
+    ///
+    /// For records whose durability gates something no client waits for, such as a delivery's
+    /// outcome before the queue records it.
+    pub async fn submit_soon(&self, rec: Record) -> Result<Durable, AuditError> {
+        self.hand_over(rec, SyncWhen::Soon).await
+    }
+
+    async fn hand_over(&self, rec: Record, sync: SyncWhen) -> Result<Durable, AuditError> {
         let tx = self.inner.tx.as_ref().ok_or(AuditError::Closed)?;
         let (reply, outcome) = oneshot::channel();
-        tx.send(Job::Record { rec, reply })
+        tx.send(Job::Record { rec, reply, sync })
             .await
             .map_err(|_| AuditError::Closed)?;
         Ok(Durable(outcome))
@@ -406,6 +435,10 @@ struct Writer {
     dirty_lines: usize,
     /// The highest outbox seq written to the file (0: none).
     appended_outbox: u64,
+    /// Callers of [`AuditLog::submit_soon`] whose lines are written, answered at the next sync.
+    waiters: Vec<oneshot::Sender<Result<(), AuditError>>>,
+    /// When the oldest of `waiters` was written.
+    waiting_since: Option<Instant>,
     /// Publishes the highest outbox seq on disk after each sync.
     durable_tx: watch::Sender<u64>,
     /// Held (locked) for the writer's lifetime.
@@ -433,7 +466,7 @@ struct LinesOutcome {
 /// What the writer does next.
 enum Next {
     Job(Job),
-    /// Written outbox lines have waited [`LAZY_SYNC`]: sync them.
+    /// Written lines have waited [`LAZY_SYNC`] (outbox rows) or [`SOON_SYNC`]: sync them.
     Due,
     /// Every handle is gone.
     Closed,
@@ -472,11 +505,21 @@ impl Writer {
         }
     }
 
-    /// Waits for the next job, or until written outbox lines are due for their sync.
+    /// When lines written but not yet synced are due for their sync, if any are waiting.
+    fn sync_due(&self) -> Option<Instant> {
+        let lazy = self.dirty_since.map(|t| t + LAZY_SYNC);
+        let soon = self.waiting_since.map(|t| t + SOON_SYNC);
+        match (lazy, soon) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Waits for the next job, or until written lines are due for their sync.
     fn next(&self, rx: &mut mpsc::Receiver<Job>, timer: Option<&tokio::runtime::Runtime>) -> Next {
-        let job = match (self.dirty_since, timer) {
-            (Some(since), Some(rt)) => {
-                let deadline = tokio::time::Instant::from_std(since + LAZY_SYNC);
+        let job = match (self.sync_due(), timer) {
+            (Some(due), Some(rt)) => {
+                let deadline = tokio::time::Instant::from_std(due);
                 // the timer must be made inside the runtime
                 match rt.block_on(async { tokio::time::timeout_at(deadline, rx.recv()).await }) {
                     Ok(job) => job,
@@ -519,6 +562,11 @@ impl Writer {
     fn poison(&mut self, err: &AuditError) {
         self.poisoned = true;
         self.failed.store(true, Ordering::SeqCst);
+        // lines written but never synced are not known to be on disk
+        for waiter in self.waiters.drain(..) {
+            let _ = waiter.send(Err(err.clone()));
+        }
+        self.waiting_since = None;
         tracing::error!(error = %err, "audit log write failed; refusing further records");
     }
 
@@ -551,8 +599,8 @@ impl Writer {
         let mut rows = decoded.iter();
         for job in jobs.iter() {
             match job {
-                Job::Record { rec, .. } => {
-                    urgent = true;
+                Job::Record { rec, sync, .. } => {
+                    urgent |= *sync == SyncWhen::Now;
                     entries.push(Entry { rec, origin: None });
                 }
                 Job::Outbox(batch) => {
@@ -573,11 +621,18 @@ impl Writer {
         let mut index = 0;
         for job in jobs.drain(..) {
             match job {
-                Job::Record { reply, .. } => {
+                Job::Record { reply, sync, .. } => {
                     let result = match (errors.next().flatten(), &outcome.failure) {
                         (Some(err), _) => Err(err),
                         (None, _) if index < outcome.synced => Ok(()),
                         (None, Some(err)) => Err(err.clone()),
+                        (None, None) if sync == SyncWhen::Soon => {
+                            // written; answered by the sync that makes it durable
+                            self.waiters.push(reply);
+                            self.waiting_since.get_or_insert_with(Instant::now);
+                            index += 1;
+                            continue;
+                        }
                         (None, None) => Err(AuditError::Closed),
                     };
                     // The caller may have given up waiting; the record stands either way.
@@ -728,7 +783,7 @@ impl Writer {
             outcome.failure = Some(e);
             return outcome;
         }
-        let waited = self.dirty_since.is_some_and(|t| t.elapsed() >= LAZY_SYNC);
+        let waited = self.sync_due().is_some_and(|due| Instant::now() >= due);
         if sync_now || waited || self.dirty_lines >= LAZY_MAX_LINES {
             if let Err(e) = self.sync() {
                 outcome.failure = Some(e);
@@ -782,6 +837,10 @@ impl Writer {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.dirty_since = None;
         self.dirty_lines = 0;
+        self.waiting_since = None;
+        for waiter in self.waiters.drain(..) {
+            let _ = waiter.send(Ok(()));
+        }
         if self.appended_outbox > *self.durable_tx.borrow() {
             self.durable_tx.send_replace(self.appended_outbox);
         }
@@ -1089,6 +1148,63 @@ mod tests {
             log.syncs()
         );
         assert_eq!(verify(&path).unwrap().records, 20);
+    }
+
+    /// Records handed over with `submit_soon` are written at once and share one fsync, made
+    /// when the first of them has waited `SOON_SYNC`.
+    #[tokio::test]
+    async fn soon_records_are_written_at_once_and_share_a_later_fsync() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(AuditOptions::new(&path)).unwrap();
+        let start = Instant::now();
+        let first = log.submit_soon(sample(1)).await.unwrap();
+        while lines_of(&path).is_empty() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let second = log.submit_soon(sample(2)).await.unwrap();
+        while lines_of(&path).len() < 2 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // read before the clock: no sync can come before the first line has waited SOON_SYNC
+        let syncs = log.syncs();
+        let fast = start.elapsed() < SOON_SYNC;
+        if fast {
+            assert_eq!(syncs, 0, "both lines written, neither synced yet");
+        }
+        first.wait().await.unwrap();
+        second.wait().await.unwrap();
+        assert!(start.elapsed() >= SOON_SYNC, "synced before it was due");
+        if fast {
+            assert_eq!(
+                log.syncs(),
+                1,
+                "written within SOON_SYNC, they share one fsync"
+            );
+        }
+        drop(log);
+        assert_eq!(verify(&path).unwrap().records, 2);
+    }
+
+    /// A record a caller waits for now syncs the soon records written before it as well.
+    #[tokio::test]
+    async fn a_record_waited_for_now_syncs_earlier_soon_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(AuditOptions::new(&path)).unwrap();
+        let start = Instant::now();
+        let soon = log.submit_soon(sample(1)).await.unwrap();
+        log.record(sample(2)).await.unwrap();
+        let syncs = log.syncs();
+        let fast = start.elapsed() < SOON_SYNC;
+        // answered before the record's own caller was
+        let answered = tokio::time::timeout(Duration::ZERO, soon.wait()).await;
+        assert!(matches!(answered, Ok(Ok(()))), "{answered:?}");
+        if fast {
+            assert_eq!(syncs, 1, "one fsync for both");
+        }
+        drop(log);
+        assert_eq!(verify(&path).unwrap().records, 2);
     }
 
     #[tokio::test]

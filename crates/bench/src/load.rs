@@ -4,7 +4,7 @@
 use crate::client::{Client, Security};
 use crate::error::BenchError;
 use crate::mix::{message_into, Bodies, SizeMix};
-use crate::stats::{summarize, Summary};
+use crate::stats::{summarize, timeline, Summary, Window};
 use serde::Serialize;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -62,6 +62,9 @@ pub struct LoadReport {
     pub accepted_per_s: f64,
     /// Acceptance latency (end of DATA to the 250).
     pub acceptance: Summary,
+    /// The same latency per window of [`TIMELINE_MS`] by when the reply came: shows whether
+    /// the slowest replies cluster (a start-up phase, one slow disk flush) or spread out.
+    pub acceptance_timeline: Vec<Window>,
     /// When the load started, Unix nanoseconds.
     pub started_unix_ns: u128,
 }
@@ -73,6 +76,9 @@ pub fn unix_ns() -> u128 {
         .map(|d| d.as_nanos())
         .unwrap_or(0)
 }
+
+/// Width of the windows of [`LoadReport::acceptance_timeline`], milliseconds.
+pub const TIMELINE_MS: u64 = 250;
 
 #[derive(Default)]
 struct Counters {
@@ -119,12 +125,14 @@ pub async fn run(opts: LoadOptions) -> Result<LoadReport, BenchError> {
         );
         tasks.spawn(session(s, o, b, c, fe, start));
     }
-    let mut samples = Vec::new();
+    let mut timed = Vec::new();
     while let Some(done) = tasks.join_next().await {
         if let Ok(mut v) = done {
-            samples.append(&mut v);
+            timed.append(&mut v);
         }
     }
+    let acceptance_timeline = timeline(&timed, TIMELINE_MS);
+    let mut samples: Vec<u64> = timed.iter().map(|&(_, latency)| latency).collect();
     let elapsed = start.elapsed();
     if let Some(p) = progress {
         p.abort();
@@ -148,6 +156,7 @@ pub async fn run(opts: LoadOptions) -> Result<LoadReport, BenchError> {
         elapsed_s: elapsed.as_secs_f64(),
         accepted_per_s: accepted as f64 / elapsed.as_secs_f64().max(1e-9),
         acceptance: summarize(&mut samples),
+        acceptance_timeline,
         started_unix_ns,
     };
     Ok(report)
@@ -185,7 +194,8 @@ async fn session(
     c: Arc<Counters>,
     first_error: Arc<Mutex<Option<String>>>,
     start: Instant,
-) -> Vec<u64> {
+) -> Vec<(u64, u64)> {
+    // (reply time since `start`, latency), microseconds
     let mut samples = Vec::new();
     let helo = format!("load-{id}.bench.test");
     let mut client: Option<Client> = None;
@@ -234,7 +244,8 @@ async fn session(
                 consecutive_errors = 0;
                 c.accepted.fetch_add(1, Ordering::Relaxed);
                 c.bytes.fetch_add(msg.len() as u64, Ordering::Relaxed);
-                samples.push(u64::try_from(sent.latency.as_micros()).unwrap_or(u64::MAX));
+                let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+                samples.push((micros(start.elapsed()), micros(sent.latency)));
             }
             Ok(_) => {
                 c.refused.fetch_add(1, Ordering::Relaxed);

@@ -45,6 +45,32 @@ pub fn summarize(samples_us: &mut [u64]) -> Summary {
     }
 }
 
+/// The acceptance latency of the replies that came within one window of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Window {
+    /// Start of the window, milliseconds after the load started.
+    pub from_ms: u64,
+    /// Percentiles of the replies received in the window.
+    pub latency: Summary,
+}
+
+/// Splits `(reply time, latency)` samples (microseconds, reply time since the load started)
+/// into windows of `width_ms` and summarises each; windows without replies are left out.
+pub fn timeline(samples: &[(u64, u64)], width_ms: u64) -> Vec<Window> {
+    let width_us = width_ms.max(1).saturating_mul(1000);
+    let mut by_window: std::collections::BTreeMap<u64, Vec<u64>> = Default::default();
+    for &(at, latency) in samples {
+        by_window.entry(at / width_us).or_default().push(latency);
+    }
+    by_window
+        .into_iter()
+        .map(|(index, mut lat)| Window {
+            from_ms: index.saturating_mul(width_ms.max(1)),
+            latency: summarize(&mut lat),
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -61,5 +87,23 @@ mod tests {
         assert_eq!(summarize(&mut []), Summary::default());
         let mut one = [7000];
         assert_eq!(summarize(&mut one).p99_ms, 7.0);
+    }
+
+    #[test]
+    fn timeline_groups_replies_by_when_they_came() {
+        // replies at 10 ms, 240 ms, 260 ms and 900 ms; nothing between 500 and 750 ms
+        let samples = [
+            (10_000, 1000),
+            (240_000, 3000),
+            (260_000, 5000),
+            (900_000, 2000),
+        ];
+        let t = timeline(&samples, 250);
+        let got: Vec<(u64, usize, f64)> = t
+            .iter()
+            .map(|w| (w.from_ms, w.latency.count, w.latency.max_ms))
+            .collect();
+        assert_eq!(got, [(0, 2, 3.0), (250, 1, 5.0), (750, 1, 2.0)]);
+        assert!(timeline(&[], 250).is_empty());
     }
 }

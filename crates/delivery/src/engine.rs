@@ -14,7 +14,7 @@ use sealpost_audit::{AuditLog, Event, Json, Record};
 use sealpost_config::{Config, FallbackStep, Policy};
 use sealpost_policy::{Evidence, PolicySpec, TlsRequirement, TrustStore, Verdict};
 use sealpost_queue::{DueNow, Lease, LeasedRecipient, Outcome, Queue, QueueId};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::client::{
@@ -96,6 +96,23 @@ struct Inner {
     max_messages: usize,
 }
 
+/// What bounds the messages between their delivery and the record of its outcome.
+#[derive(Clone)]
+struct Slots {
+    /// Signalled when a delivery gives its slot back (before its outcome is recorded).
+    freed: Arc<Notify>,
+    /// One permit per delivered message whose outcome is being recorded (twice the delivery
+    /// slots): a crash loses at most these records and the deliveries in progress, and those
+    /// messages are delivered again after the restart.
+    recording: Arc<Semaphore>,
+}
+
+/// What a delivery round decided for a message, to be recorded in the queue.
+struct Completion {
+    id: QueueId,
+    results: Vec<(usize, Outcome)>,
+}
+
 /// A recipient's result after a round, before reports go to the sender.
 enum Fate {
     /// An outcome to record as is, with the evidence of the last rejected MX if any.
@@ -158,15 +175,24 @@ impl Engine {
     fn start(
         &self,
         tasks: &mut JoinSet<()>,
+        slots: &Slots,
         lease: Lease,
         permit: tokio::sync::OwnedSemaphorePermit,
         via: Via,
     ) {
         metrics::counter!("sealpost_deliveries_started_total", "via" => via.as_str()).increment(1);
         let inner = self.inner();
+        let slots = slots.clone();
         tasks.spawn(async move {
-            inner.deliver_message(lease).await;
+            let done = inner.clone().deliver_message(lease).await;
+            // Recording the outcome waits for the audit log's fsync and then the queue's commit,
+            // and needs no connection: the delivery slot is given back as soon as a recording
+            // slot is held, so that messages delivered and not yet recorded stay bounded.
+            let recording = slots.recording.clone().acquire_owned().await;
             drop(permit);
+            slots.freed.notify_one();
+            inner.complete(done).await;
+            drop(recording);
         });
     }
 
@@ -234,6 +260,10 @@ impl Engine {
                 tx: handed_tx,
             },
         );
+        let in_flight = Slots {
+            freed: Arc::new(Notify::new()),
+            recording: Arc::new(Semaphore::new(first.max_messages.saturating_mul(2))),
+        };
         drop(first);
         let mut tasks: JoinSet<()> = JoinSet::new();
         tracing::info!("delivery engine started");
@@ -243,7 +273,7 @@ impl Engine {
             }
             while tasks.try_join_next().is_some() {}
             while let Ok((lease, permit)) = handed.try_recv() {
-                self.start(&mut tasks, lease, permit, Via::Handoff);
+                self.start(&mut tasks, &in_flight, lease, permit, Via::Handoff);
             }
             let inner = self.inner();
             // Slots for as many messages as are due are taken before asking, so every lease
@@ -283,7 +313,7 @@ impl Engine {
                                 continue;
                             };
                             leased += 1;
-                            self.start(&mut tasks, lease, permit, Via::Lease);
+                            self.start(&mut tasks, &in_flight, lease, permit, Via::Lease);
                         }
                     }
                     Err(e) => tracing::error!(error = %e, "cannot lease due messages"),
@@ -319,13 +349,10 @@ impl Engine {
                     _ = notify.notified() => break,
                     _ = tokio::time::sleep_until(until) => break,
                     _ = shutdown.changed() => break,
-                    Some(_) = tasks.join_next(), if !tasks.is_empty() => {
-                        if slot_limited {
-                            break;
-                        }
-                    }
+                    _ = in_flight.freed.notified(), if slot_limited => break,
+                    Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                     Some((lease, permit)) = handed.recv() => {
-                        self.start(&mut tasks, lease, permit, Via::Handoff);
+                        self.start(&mut tasks, &in_flight, lease, permit, Via::Handoff);
                     }
                 }
             }
@@ -335,7 +362,7 @@ impl Engine {
         drop(registration);
         let drain = async {
             while let Some((lease, permit)) = handed.recv().await {
-                self.start(&mut tasks, lease, permit, Via::Handoff);
+                self.start(&mut tasks, &in_flight, lease, permit, Via::Handoff);
             }
         };
         if tokio::time::timeout(HANDOFF_DRAIN, drain).await.is_err() {
@@ -449,7 +476,9 @@ impl Inner {
             }
             return;
         };
-        match self.audit.submit(rec).await {
+        // Nothing waits for these records but the queue's outcome (see `complete`), so their
+        // fsync may wait a little for others to share it.
+        match self.audit.submit_soon(rec).await {
             Ok(durable) => self
                 .unsynced
                 .lock()
@@ -510,12 +539,12 @@ impl Inner {
         })
     }
 
-    async fn deliver_message(self: Arc<Self>, lease: Lease) {
+    /// Delivers a leased message; returns its outcomes, which [`Inner::complete`] records.
+    async fn deliver_message(self: Arc<Self>, lease: Lease) -> Completion {
         let id = lease.id;
         let now = SystemTime::now();
         if self.queue.expired(&lease, now) {
-            self.expire(&lease).await;
-            return;
+            return self.expire(&lease).await;
         }
         let body = match self.queue.delivery_body(id).await {
             Ok(b) => b,
@@ -529,8 +558,7 @@ impl Inner {
                         (r.index, Outcome::Deferred { reason })
                     })
                     .collect();
-                self.complete(id, results).await;
-                return;
+                return Completion { id, results };
             }
         };
         let lease = Arc::new(lease);
@@ -581,11 +609,11 @@ impl Inner {
         }
         self.delay_notices(&lease, &body, &results, &evidence).await;
         results.extend(self.bounce(&lease, &body, failures).await);
-        self.complete(id, results).await;
+        Completion { id, results }
     }
 
     /// The queue lifetime is over: audit `expired`, then bounce every leased recipient.
-    async fn expire(&self, lease: &Lease) {
+    async fn expire(&self, lease: &Lease) -> Completion {
         let id = lease.id;
         let lifetime = sealpost_config::format_duration(self.queue.lifetime());
         let mut failures = Vec::new();
@@ -618,10 +646,14 @@ impl Inner {
             }
         };
         let results = self.bounce(lease, &original, failures).await;
-        self.complete(id, results).await;
+        Completion { id, results }
     }
 
-    async fn complete(&self, id: QueueId, results: Vec<(usize, Outcome)>) {
+    /// Records a delivered message's outcomes in the queue once their audit records are durable.
+    async fn complete(&self, done: Completion) {
+        let Completion { id, results } = done;
+        // whatever happens next, the body is not needed in memory any more
+        self.queue.forget_body(id);
         // The audit trail of what happened comes first (HIPAA 164.312(b)): outcomes are recorded
         // in the queue only once their audit records are on disk.
         self.audit_synced(id).await;

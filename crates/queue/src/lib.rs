@@ -409,6 +409,11 @@ impl Queue {
         self.inner.hot.expire();
     }
 
+    /// Drops the copy of message `id`'s body kept in memory for its first delivery, if any.
+    pub fn forget_body(&self, id: QueueId) {
+        self.inner.hot.remove(id);
+    }
+
     /// The body of a queued message for delivery: from memory if it was enqueued moments ago
     /// (see `hot.rs`), otherwise read from the store and decrypted.
     pub async fn delivery_body(&self, id: QueueId) -> Result<Arc<Vec<u8>>, QueueError> {

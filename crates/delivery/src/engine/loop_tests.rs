@@ -178,3 +178,51 @@ async fn the_engine_leases_no_more_messages_than_it_has_slots() {
         .unwrap();
     drop(silent);
 }
+
+/// Messages whose delivery ended stay leased until their outcome is recorded (the audit log's
+/// fsync, then the queue's commit), and the engine holds at most twice its delivery slots of
+/// them: with `max_connections = 1` (two slots, four recording) and deliveries that end at
+/// once (a recipient without a domain fails for good, and a null sender gets no DSN), at most
+/// six messages are ever leased, though the slots alone would let all of them through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_awaiting_their_record_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "[delivery]\nmax_connections = 1\n";
+    let (engine, queue, _audit) =
+        super::test_engine::engine_in(dir.path(), extra, Duration::from_secs(600));
+    let mut no_domain = super::test_engine::envelope("", "phi");
+    no_domain.recipients[0].address = "pat".into();
+    for _ in 0..200 {
+        queue
+            .enqueue(no_domain.clone(), b"Subject: x\r\n\r\nbody\r\n".to_vec())
+            .await
+            .unwrap();
+    }
+    let (stop, stopped) = watch::channel(false);
+    let run = tokio::spawn(engine.run(stopped));
+    let started = tokio::time::Instant::now();
+    let mut most = 0;
+    loop {
+        let c = queue.stats().await.unwrap().recipients;
+        most = most.max(c.in_flight);
+        assert!(c.in_flight <= 6, "{c:?}");
+        // a message whose every recipient failed leaves the queue
+        if c.pending == 0 && c.in_flight == 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the deliveries did not end: {c:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(
+        most > 2,
+        "no message ever waited for its record ({most} leased at most)"
+    );
+    stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the engine stops")
+        .unwrap();
+}
