@@ -96,15 +96,15 @@ struct Inner {
     max_messages: usize,
 }
 
-/// What bounds the messages between their delivery and the record of its outcome.
+/// The slots of messages delivered and waiting for their outcome to be recorded.
 #[derive(Clone)]
-struct Slots {
-    /// Signalled when a delivery gives its slot back (before its outcome is recorded).
-    freed: Arc<Notify>,
+struct Recording {
     /// One permit per delivered message whose outcome is being recorded (twice the delivery
     /// slots): a crash loses at most these records and the deliveries in progress, and those
     /// messages are delivered again after the restart.
-    recording: Arc<Semaphore>,
+    permits: Arc<Semaphore>,
+    /// Signalled when a delivery gives its delivery slot back for one of these.
+    freed: Arc<Notify>,
 }
 
 /// What a delivery round decided for a message, to be recorded in the queue.
@@ -175,24 +175,24 @@ impl Engine {
     fn start(
         &self,
         tasks: &mut JoinSet<()>,
-        slots: &Slots,
+        recording: &Recording,
         lease: Lease,
         permit: tokio::sync::OwnedSemaphorePermit,
         via: Via,
     ) {
         metrics::counter!("sealpost_deliveries_started_total", "via" => via.as_str()).increment(1);
         let inner = self.inner();
-        let slots = slots.clone();
+        let recording = recording.clone();
         tasks.spawn(async move {
             let done = inner.clone().deliver_message(lease).await;
             // Recording the outcome waits for the audit log's fsync and then the queue's commit,
             // and needs no connection: the delivery slot is given back as soon as a recording
             // slot is held, so that messages delivered and not yet recorded stay bounded.
-            let recording = slots.recording.clone().acquire_owned().await;
+            let held = recording.permits.clone().acquire_owned().await;
             drop(permit);
-            slots.freed.notify_one();
+            recording.freed.notify_one();
             inner.complete(done).await;
-            drop(recording);
+            drop(held);
         });
     }
 
@@ -260,9 +260,9 @@ impl Engine {
                 tx: handed_tx,
             },
         );
-        let in_flight = Slots {
+        let recording = Recording {
+            permits: Arc::new(Semaphore::new(first.max_messages.saturating_mul(2))),
             freed: Arc::new(Notify::new()),
-            recording: Arc::new(Semaphore::new(first.max_messages.saturating_mul(2))),
         };
         drop(first);
         let mut tasks: JoinSet<()> = JoinSet::new();
@@ -273,7 +273,7 @@ impl Engine {
             }
             while tasks.try_join_next().is_some() {}
             while let Ok((lease, permit)) = handed.try_recv() {
-                self.start(&mut tasks, &in_flight, lease, permit, Via::Handoff);
+                self.start(&mut tasks, &recording, lease, permit, Via::Handoff);
             }
             let inner = self.inner();
             // Slots for as many messages as are due are taken before asking, so every lease
@@ -313,7 +313,7 @@ impl Engine {
                                 continue;
                             };
                             leased += 1;
-                            self.start(&mut tasks, &in_flight, lease, permit, Via::Lease);
+                            self.start(&mut tasks, &recording, lease, permit, Via::Lease);
                         }
                     }
                     Err(e) => tracing::error!(error = %e, "cannot lease due messages"),
@@ -349,10 +349,10 @@ impl Engine {
                     _ = notify.notified() => break,
                     _ = tokio::time::sleep_until(until) => break,
                     _ = shutdown.changed() => break,
-                    _ = in_flight.freed.notified(), if slot_limited => break,
+                    _ = recording.freed.notified(), if slot_limited => break,
                     Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
                     Some((lease, permit)) = handed.recv() => {
-                        self.start(&mut tasks, &in_flight, lease, permit, Via::Handoff);
+                        self.start(&mut tasks, &recording, lease, permit, Via::Handoff);
                     }
                 }
             }
@@ -362,7 +362,7 @@ impl Engine {
         drop(registration);
         let drain = async {
             while let Some((lease, permit)) = handed.recv().await {
-                self.start(&mut tasks, &in_flight, lease, permit, Via::Handoff);
+                self.start(&mut tasks, &recording, lease, permit, Via::Handoff);
             }
         };
         if tokio::time::timeout(HANDOFF_DRAIN, drain).await.is_err() {
