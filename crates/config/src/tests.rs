@@ -273,3 +273,32 @@ fn delay_notice_is_off_by_default_parses_and_must_be_shorter_than_lifetime() {
     let p = problems(Config::load(&write(&dir, &text)).unwrap_err());
     assert!(p.iter().any(|p| p.key == "queue.delay_notice"), "{p:?}");
 }
+
+#[test]
+fn delivery_connection_limits_are_bounded_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    for (n, ok) in [(0, false), (1, true), (10_000, true), (10_001, false)] {
+        let text = format!(
+            "{}\n[delivery]\nmax_connections = {n}\nmax_connections_per_domain = {n}\n",
+            minimal()
+        );
+        let path = write(&dir, &text);
+        let result = Config::load_with_env_prefix(&path, "SPTEST_NONE_");
+        if ok {
+            let c = result.unwrap();
+            assert_eq!(c.delivery.max_connections, n);
+            continue;
+        }
+        let ps = problems(result.unwrap_err());
+        for key in [
+            "delivery.max_connections",
+            "delivery.max_connections_per_domain",
+        ] {
+            let p = ps
+                .iter()
+                .find(|p| p.key == key)
+                .unwrap_or_else(|| panic!("{n}: no problem for {key} in {ps:?}"));
+            assert!(p.origin.contains(&path.display().to_string()), "{p}");
+        }
+    }
+}

@@ -6,6 +6,10 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
+/// Most outbound connections `delivery.max_connections` (and its per-domain limit) may allow:
+/// the engine holds up to six times as many messages, bodies included, in memory.
+const MAX_DELIVERY_CONNECTIONS: usize = 10_000;
+
 struct Collector<'a> {
     problems: Vec<Problem>,
     origin: &'a dyn Fn(&str) -> String,
@@ -228,11 +232,21 @@ pub(crate) fn validate(c: &Config, origin: &dyn Fn(&str) -> String) -> Vec<Probl
     if c.delivery.port == 0 {
         v.add("delivery.port", "must be a TCP port (1-65535)");
     }
-    if c.delivery.max_connections == 0 {
-        v.add("delivery.max_connections", "must be at least 1");
-    }
-    if c.delivery.max_connections_per_domain == 0 {
-        v.add("delivery.max_connections_per_domain", "must be at least 1");
+    for (key, n) in [
+        ("delivery.max_connections", c.delivery.max_connections),
+        (
+            "delivery.max_connections_per_domain",
+            c.delivery.max_connections_per_domain,
+        ),
+    ] {
+        if n == 0 {
+            v.add(key, "must be at least 1");
+        } else if n > MAX_DELIVERY_CONNECTIONS {
+            v.add(
+                key,
+                format!("must be at most {MAX_DELIVERY_CONNECTIONS} (each connection holds messages and their bodies in memory)"),
+            );
+        }
     }
     v.positive("delivery.connect_timeout", c.delivery.connect_timeout.0);
     v.positive("dns.timeout", c.dns.timeout.0);

@@ -266,12 +266,33 @@ impl Engine {
         };
         drop(first);
         let mut tasks: JoinSet<()> = JoinSet::new();
+        let mut audit_down = false;
         tracing::info!("delivery engine started");
         loop {
             if *shutdown.borrow() {
                 break;
             }
             while tasks.try_join_next().is_some() {}
+            if self.inner().audit.failed() {
+                // Nothing leaves without its audit record (fail-closed, as submission refuses
+                // new mail): nothing is leased, and hand-offs are given back (each message is
+                // due again when its lease ends, or at the next start). A failed log stays
+                // failed until the relay restarts.
+                if !audit_down {
+                    audit_down = true;
+                    tracing::error!(
+                        in_flight = tasks.len(),
+                        "AUDIT LOG FAILED: delivery paused; queued mail waits until sealpost restarts with a working audit log"
+                    );
+                }
+                tokio::select! {
+                    _ = shutdown.changed() => {}
+                    _ = tokio::time::sleep(MAX_SLEEP) => {}
+                    Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                    Some(handed) = handed.recv() => drop(handed),
+                }
+                continue;
+            }
             while let Ok((lease, permit)) = handed.try_recv() {
                 self.start(&mut tasks, &recording, lease, permit, Via::Handoff);
             }
@@ -350,7 +371,15 @@ impl Engine {
                     _ = tokio::time::sleep_until(until) => break,
                     _ = shutdown.changed() => break,
                     _ = recording.freed.notified(), if slot_limited => break,
-                    Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                    Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
+                        // A task that panicked gave its slot back without saying so.
+                        if let Err(e) = joined {
+                            tracing::error!(error = %e, "a delivery task failed; its message is due again when its lease ends");
+                            if slot_limited {
+                                break;
+                            }
+                        }
+                    }
                     Some((lease, permit)) = handed.recv() => {
                         self.start(&mut tasks, &recording, lease, permit, Via::Handoff);
                     }
@@ -362,6 +391,10 @@ impl Engine {
         drop(registration);
         let drain = async {
             while let Some((lease, permit)) = handed.recv().await {
+                if self.inner().audit.failed() {
+                    // given back, as in the loop: due again when its lease ends
+                    continue;
+                }
                 self.start(&mut tasks, &recording, lease, permit, Via::Handoff);
             }
         };

@@ -13,6 +13,19 @@ use super::Engine;
 /// An engine in `dir` with `extra` appended to a minimal config; `hold` is both the retry
 /// interval and the lease. Returns the engine, its queue and the audit log's path.
 pub(super) fn engine_in(dir: &Path, extra: &str, hold: Duration) -> (Engine, Queue, PathBuf) {
+    let audit_path = dir.join("audit").join("audit.jsonl");
+    let audit = AuditLog::open(AuditOptions::new(&audit_path)).unwrap();
+    let (engine, queue) = engine_with_audit(dir, extra, hold, audit);
+    (engine, queue, audit_path)
+}
+
+/// As [`engine_in`], with the audit log the test opened.
+pub(super) fn engine_with_audit(
+    dir: &Path,
+    extra: &str,
+    hold: Duration,
+    audit: AuditLog,
+) -> (Engine, Queue) {
     let cfg_path = dir.join("sealpost.toml");
     std::fs::write(
         &cfg_path,
@@ -38,10 +51,8 @@ pub(super) fn engine_in(dir: &Path, extra: &str, hold: Duration) -> (Engine, Que
         Keyring::load(&key, &[]).unwrap(),
     )
     .unwrap();
-    let audit_path = dir.join("audit").join("audit.jsonl");
-    let audit = AuditLog::open(AuditOptions::new(&audit_path)).unwrap();
     let engine = Engine::new(&config, queue.clone(), audit).unwrap();
-    (engine, queue, audit_path)
+    (engine, queue)
 }
 
 /// An envelope from `sender` to `pat@b.test` under `policy`.
