@@ -50,6 +50,15 @@ fn events_of(path: &Path, id: &str) -> Vec<String> {
         .collect()
 }
 
+/// Tells a running engine to stop and waits (at most 30 s) until its run has ended.
+async fn stop_engine(stop: watch::Sender<bool>, run: tokio::task::JoinHandle<()>) {
+    stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the engine stops once its deliveries ended")
+        .unwrap();
+}
+
 /// A running engine told to stop while a message it took at enqueue is still held back.
 struct Stopping {
     _dir: tempfile::TempDir,
@@ -171,11 +180,7 @@ async fn the_engine_leases_no_more_messages_than_it_has_slots() {
         assert_eq!((c.in_flight, c.pending), (2, 3), "{c:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    stop.send(true).unwrap();
-    tokio::time::timeout(Duration::from_secs(30), run)
-        .await
-        .expect("the engine stops once its deliveries ended")
-        .unwrap();
+    stop_engine(stop, run).await;
     drop(silent);
 }
 
@@ -220,11 +225,7 @@ async fn messages_awaiting_their_record_are_bounded() {
         most > 2,
         "no message ever waited for its record ({most} leased at most)"
     );
-    stop.send(true).unwrap();
-    tokio::time::timeout(Duration::from_secs(30), run)
-        .await
-        .expect("the engine stops")
-        .unwrap();
+    stop_engine(stop, run).await;
 }
 
 /// Once the audit log has failed, nothing leaves without its record: the engine leases no
@@ -271,10 +272,6 @@ async fn a_failed_audit_log_pauses_delivery() {
         assert_eq!((c.in_flight, c.pending), (0, 3), "{c:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    stop.send(true).unwrap();
-    tokio::time::timeout(Duration::from_secs(30), run)
-        .await
-        .expect("the engine stops")
-        .unwrap();
+    stop_engine(stop, run).await;
     drop(silent);
 }
