@@ -31,6 +31,9 @@ use notices::Failure;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest sleep of the scheduler when nothing is due.
 const MAX_SLEEP: Duration = Duration::from_secs(30);
+/// Why a recipient stays queued when the audit log failed before its message was sent.
+pub(crate) const AUDIT_DOWN: &str =
+    "4.3.0 the audit log has failed: nothing is sent without its audit record; retried after a restart";
 /// How long a stopping engine waits for hand-offs whose commits are still running.
 const HANDOFF_DRAIN: Duration = Duration::from_secs(30);
 
@@ -924,6 +927,15 @@ impl Inner {
         let mx = session.mx().to_owned();
         let ip = session.ip();
         let remote = format!("{mx} [{ip}]");
+        if self.audit.failed() {
+            // it failed since the message was leased: not even MAIL FROM
+            tracing::error!(queue_id = %lease.id, mx, "AUDIT LOG FAILED: the message is not sent");
+            session.quit().await;
+            return Some(
+                self.all_deferred(lease, recipients, AUDIT_DOWN.to_owned())
+                    .await,
+            );
+        }
         match session.send(&txn).await {
             Ok(results) => {
                 if session.in_step() {
@@ -996,6 +1008,16 @@ impl Inner {
             .map(|r| (r.clone(), 0, failures.to_owned()))
             .collect();
         while !pending.is_empty() {
+            if self.audit.failed() {
+                // nothing is decided (or relayed) without its audit record
+                for (r, _, _) in std::mem::take(&mut pending) {
+                    let outcome = Outcome::Deferred {
+                        reason: AUDIT_DOWN.to_owned(),
+                    };
+                    out.push((r.index, Fate::Done(outcome, None)));
+                }
+                break;
+            }
             let mut relays: BTreeMap<(usize, String), (Vec<LeasedRecipient>, String)> =
                 BTreeMap::new();
             for (r, from, failures) in std::mem::take(&mut pending) {
@@ -1157,6 +1179,8 @@ fn reused_attempt(lease: &Lease, mx: &str, ip: IpAddr) -> Record {
         .detail("reused", true)
 }
 
+#[cfg(test)]
+mod audit_down_tests;
 #[cfg(test)]
 mod loop_tests;
 #[cfg(test)]

@@ -6,6 +6,7 @@ use std::time::Duration;
 use sealpost_queue::{Enqueued, Envelope, Queue};
 use tokio::sync::watch;
 
+use super::test_engine::stop_engine;
 use super::Engine;
 
 /// An engine on a real queue and audit log in `dir`, whose DNS server does not answer (a
@@ -48,15 +49,6 @@ fn events_of(path: &Path, id: &str) -> Vec<String> {
         .filter(|r| r["queue_id"] == id)
         .map(|r| r["event"].as_str().unwrap_or_default().to_string())
         .collect()
-}
-
-/// Tells a running engine to stop and waits (at most 30 s) until its run has ended.
-async fn stop_engine(stop: watch::Sender<bool>, run: tokio::task::JoinHandle<()>) {
-    stop.send(true).unwrap();
-    tokio::time::timeout(Duration::from_secs(30), run)
-        .await
-        .expect("the engine stops once its deliveries ended")
-        .unwrap();
 }
 
 /// A running engine told to stop while a message it took at enqueue is still held back.
@@ -226,52 +218,4 @@ async fn messages_awaiting_their_record_are_bounded() {
         "no message ever waited for its record ({most} leased at most)"
     );
     stop_engine(stop, run).await;
-}
-
-/// Once the audit log has failed, nothing leaves without its record: the engine leases no
-/// message (each stays pending, never in flight), and it still stops when told to.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_audit_log_pauses_delivery() {
-    let dir = tempfile::tempdir().unwrap();
-    // The log rotates before every record after its first, and the name its first rotation
-    // needs (`<stem>.<first seq, 20 digits>.jsonl`) is taken meanwhile: the second record
-    // fails it.
-    let audit_path = dir.path().join("audit").join("audit.jsonl");
-    let audit = sealpost_audit::AuditLog::open(sealpost_audit::AuditOptions {
-        path: audit_path.clone(),
-        rotate_bytes: 1,
-    })
-    .unwrap();
-    let rec = || sealpost_audit::Record::new(sealpost_audit::Event::Attempt).mx("mx.b.test");
-    audit.record(rec()).await.unwrap();
-    std::fs::write(
-        audit_path.with_file_name(format!("audit.{:020}.jsonl", 1)),
-        b"squatter\n",
-    )
-    .unwrap();
-    assert!(audit.record(rec()).await.is_err(), "the log did not fail");
-    assert!(audit.failed());
-    // a DNS server that never answers: a leased message stays in flight for a second
-    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let extra = format!(
-        "[dns]\nnameservers = [\"{}\"]\ntimeout = \"1s\"\n",
-        silent.local_addr().unwrap()
-    );
-    let (engine, queue) =
-        super::test_engine::engine_with_audit(dir.path(), &extra, Duration::from_secs(600), audit);
-    for _ in 0..3 {
-        queue
-            .enqueue(envelope(), b"Subject: x\r\n\r\nbody\r\n".to_vec())
-            .await
-            .unwrap();
-    }
-    let (stop, stopped) = watch::channel(false);
-    let run = tokio::spawn(engine.run(stopped));
-    for _ in 0..75 {
-        let c = queue.stats().await.unwrap().recipients;
-        assert_eq!((c.in_flight, c.pending), (0, 3), "{c:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    stop_engine(stop, run).await;
-    drop(silent);
 }

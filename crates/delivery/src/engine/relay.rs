@@ -165,6 +165,15 @@ impl Inner {
         };
         let ip = session.ip();
         let remote = format!("{} [{ip}]", target.host);
+        if self.audit.failed() {
+            tracing::error!(queue_id = %lease.id, smarthost = %target.name, "AUDIT LOG FAILED: the message is not sent");
+            session.quit().await;
+            return Relayed {
+                delivered: Vec::new(),
+                rest: recipients,
+                why: super::AUDIT_DOWN.to_owned(),
+            };
+        }
         let results = session.send(&txn).await;
         session.quit().await;
         let results = match results {

@@ -75,3 +75,15 @@ pub(super) fn envelope(sender: &str, policy: &str) -> Envelope {
         received_at: SystemTime::now(),
     }
 }
+
+/// Tells a running engine to stop and waits (at most 30 s) until its run has ended.
+pub(super) async fn stop_engine(
+    stop: tokio::sync::watch::Sender<bool>,
+    run: tokio::task::JoinHandle<()>,
+) {
+    stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the engine stops once its deliveries ended")
+        .unwrap();
+}
