@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use sealpost_audit::{AuditLog, AuditOptions, Event, Record};
-use sealpost_queue::StateCounts;
+use sealpost_queue::{Queue, QueueId, StateCounts};
 use sealpost_tests::dns::DnsServer;
 use sealpost_tests::receiver::{default_tls, Receiver};
 use sealpost_tests::{CertFiles, LeafSpec, TestCa};
@@ -35,6 +35,17 @@ async fn log_failing_at_next_record(dir: &Path) -> AuditLog {
     log
 }
 
+/// Queues one small message to `pat@b.test`.
+async fn enqueue_one(queue: &Queue) -> QueueId {
+    queue
+        .enqueue(
+            envelope("app@clinic.test", "phi"),
+            b"Subject: x\r\n\r\nbody\r\n".to_vec(),
+        )
+        .await
+        .unwrap()
+}
+
 /// Once the audit log has failed, the engine leases no message (each stays pending, never in
 /// flight), and it still stops when told to.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -52,13 +63,7 @@ async fn a_failed_audit_log_pauses_delivery() {
     );
     let (engine, queue) = engine_with_audit(dir.path(), &extra, Duration::from_secs(600), audit);
     for _ in 0..3 {
-        queue
-            .enqueue(
-                envelope("app@clinic.test", "phi"),
-                b"Subject: x\r\n\r\nbody\r\n".to_vec(),
-            )
-            .await
-            .unwrap();
+        enqueue_one(&queue).await;
     }
     let (stop, stopped) = watch::channel(false);
     let run = tokio::spawn(engine.run(stopped));
@@ -112,13 +117,7 @@ async fn deliver_while_the_log_fails(
     );
     let watch_log = audit.clone();
     let (engine, queue) = engine_with_audit(dir, &extra, Duration::from_secs(600), audit);
-    let id = queue
-        .enqueue(
-            envelope("app@clinic.test", "phi"),
-            b"Subject: x\r\n\r\nbody\r\n".to_vec(),
-        )
-        .await
-        .unwrap();
+    let id = enqueue_one(&queue).await;
     let (stop, stopped) = watch::channel(false);
     let run = tokio::spawn(engine.run(stopped));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
