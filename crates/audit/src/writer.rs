@@ -62,6 +62,8 @@ pub(crate) enum Job {
         reply: oneshot::Sender<Result<(), AuditError>>,
         /// When the writer syncs for it.
         sync: SyncWhen,
+        /// Answered once the line is in the file (before its sync), if the caller asked.
+        written: Option<oneshot::Sender<Result<(), AuditError>>>,
     },
     /// Rows the queue just committed, in seq order: written at once, synced lazily, and
     /// reported through [`AuditLog::outbox_durable`].
@@ -347,7 +349,7 @@ impl AuditLog {
     /// A caller producing several records for one event submits them all and waits for them
     /// together, so they share one fsync instead of paying one each.
     pub async fn submit(&self, rec: Record) -> Result<Durable, AuditError> {
-        self.hand_over(rec, SyncWhen::Now).await
+        self.hand_over(rec, SyncWhen::Now, None).await
     }
 
     /// [`AuditLog::submit`] for a caller that can wait a little: the line is written at once
@@ -357,15 +359,37 @@ impl AuditLog {
     /// For records whose durability gates something no client waits for, such as a delivery's
     /// outcome before the queue records it.
     pub async fn submit_soon(&self, rec: Record) -> Result<Durable, AuditError> {
-        self.hand_over(rec, SyncWhen::Soon).await
+        self.hand_over(rec, SyncWhen::Soon, None).await
     }
 
-    async fn hand_over(&self, rec: Record, sync: SyncWhen) -> Result<Durable, AuditError> {
+    /// [`AuditLog::submit_soon`] that returns once the line is in the file (its fsync still to
+    /// come): `Err` if it could not be written, and then the log has failed.
+    ///
+    /// For a record that must exist before an action, such as a delivery attempt's evidence
+    /// before the message is sent.
+    pub async fn submit_soon_written(&self, rec: Record) -> Result<Durable, AuditError> {
+        let (written, in_file) = oneshot::channel();
+        let durable = self.hand_over(rec, SyncWhen::Soon, Some(written)).await?;
+        in_file.await.map_err(|_| AuditError::Closed)??;
+        Ok(durable)
+    }
+
+    async fn hand_over(
+        &self,
+        rec: Record,
+        sync: SyncWhen,
+        written: Option<oneshot::Sender<Result<(), AuditError>>>,
+    ) -> Result<Durable, AuditError> {
         let tx = self.inner.tx.as_ref().ok_or(AuditError::Closed)?;
         let (reply, outcome) = oneshot::channel();
-        tx.send(Job::Record { rec, reply, sync })
-            .await
-            .map_err(|_| AuditError::Closed)?;
+        tx.send(Job::Record {
+            rec,
+            reply,
+            sync,
+            written,
+        })
+        .await
+        .map_err(|_| AuditError::Closed)?;
         Ok(Durable(outcome))
     }
 
@@ -464,6 +488,9 @@ struct LinesOutcome {
 }
 
 /// What the writer does next.
+// `Next` lives for one turn of the writer's loop, on its stack; boxing the job would cost an
+// allocation per record for nothing.
+#[allow(clippy::large_enum_variant)]
 enum Next {
     Job(Job),
     /// Written lines have waited [`LAZY_SYNC`] (outbox rows) or [`SOON_SYNC`]: sync them.
@@ -578,7 +605,10 @@ impl Writer {
         }
         if self.poisoned {
             for job in jobs.drain(..) {
-                if let Job::Record { reply, .. } = job {
+                if let Job::Record { reply, written, .. } = job {
+                    if let Some(written) = written {
+                        let _ = written.send(Err(self.poisoned_error()));
+                    }
                     let _ = reply.send(Err(self.poisoned_error()));
                 }
                 // outbox rows stay in the queue and are replayed at the next start
@@ -621,8 +651,24 @@ impl Writer {
         let mut index = 0;
         for job in jobs.drain(..) {
             match job {
-                Job::Record { reply, sync, .. } => {
-                    let result = match (errors.next().flatten(), &outcome.failure) {
+                Job::Record {
+                    reply,
+                    sync,
+                    written,
+                    ..
+                } => {
+                    let serialise_error = errors.next().flatten();
+                    if let Some(written) = written {
+                        // in the file unless it could not be serialised or the run failed
+                        // before it was synced (where it stopped is not known)
+                        let in_file = match (&serialise_error, &outcome.failure) {
+                            (Some(err), _) => Err(err.clone()),
+                            (None, Some(err)) if index >= outcome.synced => Err(err.clone()),
+                            _ => Ok(()),
+                        };
+                        let _ = written.send(in_file);
+                    }
+                    let result = match (serialise_error, &outcome.failure) {
                         (Some(err), _) => Err(err),
                         (None, _) if index < outcome.synced => Ok(()),
                         (None, Some(err)) => Err(err.clone()),
@@ -1193,6 +1239,48 @@ mod tests {
             }
         }
         panic!("five rounds in a row took longer than SOON_SYNC to write two lines");
+    }
+
+    /// `submit_soon_written` returns with the line in the file, before its sync.
+    #[tokio::test]
+    async fn a_record_submitted_written_is_in_the_file_when_it_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(AuditOptions::new(&path)).unwrap();
+        let start = Instant::now();
+        let durable = log.submit_soon_written(sample(1)).await.unwrap();
+        // no waiting: the line is there the moment the call returns
+        assert_eq!(lines_of(&path).len(), 1);
+        if start.elapsed() < SOON_SYNC {
+            assert_eq!(log.syncs(), 0, "written, not yet synced");
+        }
+        tokio::time::timeout(Duration::from_secs(10), durable.wait())
+            .await
+            .expect("synced within SOON_SYNC")
+            .unwrap();
+        drop(log);
+        assert_eq!(verify(&path).unwrap().records, 1);
+    }
+
+    /// A record that fails the log (here its rotation) makes `submit_soon_written` fail, and
+    /// the log reports failed by the time it returns.
+    #[tokio::test]
+    async fn a_record_submitted_written_that_fails_the_log_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_log(dir.path(), 1, 1000).await;
+        std::fs::write(LogPaths::new(&path).rotated_name(1), b"squatter\n").unwrap();
+        let log = AuditLog::open(opts(&path, 1)).unwrap();
+        let result = log.submit_soon_written(sample(2)).await;
+        assert!(
+            matches!(result, Err(AuditError::RotateTargetExists { .. })),
+            "{result:?}"
+        );
+        assert!(log.failed());
+        let again = log.submit_soon_written(sample(3)).await;
+        assert!(
+            matches!(again, Err(AuditError::Poisoned { .. })),
+            "{again:?}"
+        );
     }
 
     /// A record a caller waits for now syncs the soon records written before it as well.

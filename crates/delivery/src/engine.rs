@@ -496,15 +496,23 @@ impl Inner {
     /// Records an audit event. Events of a message are only submitted here; [`Inner::complete`]
     /// waits until they are on disk before it records the outcomes in the queue.
     async fn audit(&self, rec: Record) {
-        self.audit_counted(rec, None).await;
+        self.audit_counted(rec, None, false).await;
     }
 
     /// Audits an attempt record with the TLS evidence (`tls`) whose verdict is `verdict`.
     async fn audit_tls(&self, rec: Record, tls: Json, verdict: Verdict) {
-        self.audit_counted(rec.tls(tls), Some(verdict)).await;
+        self.audit_counted(rec.tls(tls), Some(verdict), false).await;
     }
 
-    async fn audit_counted(&self, rec: Record, verdict: Option<Verdict>) {
+    /// [`Inner::audit_tls`] for the attempt on a session that will carry the message: returns
+    /// once the line is in the file, so a log that this record fails has failed by then and
+    /// the transaction sees it (see `transact`).
+    pub(crate) async fn audit_tls_before_sending(&self, rec: Record, tls: Json, verdict: Verdict) {
+        self.audit_counted(rec.tls(tls), Some(verdict), true).await;
+    }
+
+    /// Hands `rec` to the audit log (waiting until its line is in the file if `written`).
+    async fn audit_counted(&self, rec: Record, verdict: Option<Verdict>, written: bool) {
         count(&rec, verdict);
         let Some(id) = rec.queue_id.clone() else {
             if let Err(e) = self.audit.record(rec).await {
@@ -514,7 +522,12 @@ impl Inner {
         };
         // Nothing waits for these records but the queue's outcome (see `complete`), so their
         // fsync may wait a little for others to share it.
-        match self.audit.submit_soon(rec).await {
+        let submitted = if written {
+            self.audit.submit_soon_written(rec).await
+        } else {
+            self.audit.submit_soon(rec).await
+        };
+        match submitted {
             Ok(durable) => self
                 .unsynced
                 .lock()
@@ -836,7 +849,7 @@ impl Inner {
         if let Some(session) = self.pool.take(&key) {
             tracing::debug!(queue_id = %lease.id, mx, transactions = session.transactions(), "reusing verified connection");
             let verdict = session.evidence().reason;
-            self.audit_tls(
+            self.audit_tls_before_sending(
                 reused_attempt(lease, mx, ip),
                 session.evidence_json(),
                 verdict,
@@ -846,7 +859,7 @@ impl Inner {
         }
         match open(&self.settings, &self.trust, &policy.spec, mx, ip).await {
             Ok(session) => {
-                self.audit_tls(
+                self.audit_tls_before_sending(
                     Record::new(Event::Attempt)
                         .queue_id(lease.id.to_string())
                         .mx(mx.to_owned())
@@ -928,7 +941,8 @@ impl Inner {
         let ip = session.ip();
         let remote = format!("{mx} [{ip}]");
         if self.audit.failed() {
-            // it failed since the message was leased: not even MAIL FROM
+            // it failed since the message was leased, at the latest with this attempt's record:
+            // not even MAIL FROM
             tracing::error!(queue_id = %lease.id, mx, "AUDIT LOG FAILED: the message is not sent");
             session.quit().await;
             return Some(

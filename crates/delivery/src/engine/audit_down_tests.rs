@@ -76,13 +76,22 @@ async fn a_failed_audit_log_pauses_delivery() {
     drop(silent);
 }
 
-/// What a delivery to an MX that presents `leaf` left when the log failed as the MX's TCP
-/// connection opened (after the message was leased): the receiver's commands, the queue's
-/// recipient counts and the recipient's last error.
+/// Where the log fails during a delivery (after the message was leased).
+#[derive(Clone, Copy)]
+enum FailAt {
+    /// As the MX's TCP connection opens, through another record.
+    Connect,
+    /// With the delivery's own attempt record, once the MX's certificate was judged.
+    AttemptRecord,
+}
+
+/// What a delivery to an MX that presents `leaf` left when the log failed at `at`: the
+/// receiver's commands, the queue's recipient counts and the recipient's last error.
 async fn deliver_while_the_log_fails(
     ca: &TestCa,
     leaf: &CertFiles,
     dir: &Path,
+    at: FailAt,
 ) -> (Vec<String>, StateCounts, String) {
     let dns = DnsServer::start().await;
     let ip = Ipv4Addr::new(127, 0, 0, 61);
@@ -96,14 +105,16 @@ async fn deliver_while_the_log_fails(
     )
     .await;
     let audit = log_failing_at_next_record(dir).await;
-    // The MX's address is a relay to the receiver that fails the log before it connects on.
+    // The MX's address is a relay to the receiver (that fails the log before it connects on).
     let front = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
     let port = front.local_addr().unwrap().port();
     let (fail, backend) = (audit.clone(), receiver.addr);
     tokio::spawn(async move {
         while let Ok((mut inbound, _)) = front.accept().await {
-            let rec = Record::new(Event::Attempt).mx("mx.other.test");
-            assert!(fail.record(rec).await.is_err(), "the log did not fail");
+            if let FailAt::Connect = at {
+                let rec = Record::new(Event::Attempt).mx("mx.other.test");
+                assert!(fail.record(rec).await.is_err(), "the log did not fail");
+            }
             let mut outbound = tokio::net::TcpStream::connect(backend).await.unwrap();
             tokio::spawn(async move {
                 let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
@@ -143,7 +154,8 @@ async fn a_log_that_fails_mid_delivery_sends_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new(&dir.path().join("mx-ca"));
     let leaf = ca.issue("mx", &LeafSpec::new(&["mx.b.test"]));
-    let (commands, counts, last) = deliver_while_the_log_fails(&ca, &leaf, dir.path()).await;
+    let (commands, counts, last) =
+        deliver_while_the_log_fails(&ca, &leaf, dir.path(), FailAt::Connect).await;
     assert!(commands.iter().any(|c| c == "STARTTLS"), "{commands:?}");
     assert!(
         !commands
@@ -163,8 +175,29 @@ async fn a_log_that_fails_mid_delivery_takes_no_fallback_step() {
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new(&dir.path().join("mx-ca"));
     let leaf = ca.self_signed("mx", &LeafSpec::new(&["mx.b.test"]));
-    let (commands, counts, last) = deliver_while_the_log_fails(&ca, &leaf, dir.path()).await;
+    let (commands, counts, last) =
+        deliver_while_the_log_fails(&ca, &leaf, dir.path(), FailAt::Connect).await;
     assert!(commands.iter().any(|c| c == "STARTTLS"), "{commands:?}");
     assert_eq!((counts.deferred, counts.held), (1, 0), "{counts:?}");
+    assert!(last.contains(super::AUDIT_DOWN), "{last}");
+}
+
+/// A verified MX, and the delivery's own attempt record is what fails the log: the record is
+/// in the file before anything is sent, so the transaction sees the failure and sends nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_whose_attempt_record_fails_the_log_sends_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(&dir.path().join("mx-ca"));
+    let leaf = ca.issue("mx", &LeafSpec::new(&["mx.b.test"]));
+    let (commands, counts, last) =
+        deliver_while_the_log_fails(&ca, &leaf, dir.path(), FailAt::AttemptRecord).await;
+    assert!(commands.iter().any(|c| c == "STARTTLS"), "{commands:?}");
+    assert!(
+        !commands
+            .iter()
+            .any(|c| c.to_ascii_uppercase().starts_with("MAIL")),
+        "{commands:?}"
+    );
+    assert_eq!(counts.deferred, 1, "{counts:?}: {commands:?}");
     assert!(last.contains(super::AUDIT_DOWN), "{last}");
 }

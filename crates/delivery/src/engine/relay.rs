@@ -115,7 +115,8 @@ impl Inner {
         {
             Ok(session) => {
                 let verdict = session.evidence().reason;
-                self.audit_tls(base, session.evidence_json(), verdict).await;
+                self.audit_tls_before_sending(base, session.evidence_json(), verdict)
+                    .await;
                 Ok(session)
             }
             Err(OpenError::Rejected(evidence)) => {
