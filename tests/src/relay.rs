@@ -370,6 +370,25 @@ impl Relay {
         s
     }
 
+    /// The logs once they contain `needle`, waiting up to `within` for the logging thread
+    /// (lines reach the files a little after the event); panics with the tail if they never do.
+    pub fn wait_logs(&self, needle: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let logs = self.logs();
+            if logs.contains(needle) {
+                return logs;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "`{needle}` not logged within {within:?}:\n{}",
+                    self.log_tail(30)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The last `n` lines of the logs.
     pub fn log_tail(&self, n: usize) -> String {
         let logs = self.logs();

@@ -142,11 +142,7 @@ async fn sighup_applies_a_good_config_and_refuses_a_bad_one_keeping_sessions() {
         err.contains("queue.lifetime"),
         "the refusal names the key: {err}"
     );
-    assert!(
-        relay.logs().contains("configuration reload refused"),
-        "{}",
-        relay.log_tail(20)
-    );
+    relay.wait_logs("configuration reload refused", Duration::from_secs(10));
     let mut c = authed(&relay, "second-app", "second-app-password").await;
     let r = c
         .submit(FROM, &[TO], &message(FROM, TO, "still running", "x"))
@@ -306,16 +302,7 @@ fn human_logs_off_a_terminal_are_plain_text() {
     let relay = Relay::start(RelayConfig::default());
     // the accept loop logs its address just after the port answers
     let wanted = format!("address={}", relay.starttls);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut logs = relay.logs();
-    while !logs.contains(&wanted) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-        logs = relay.logs();
-    }
-    assert!(
-        logs.contains(&wanted),
-        "the listener's address is not greppable as key=value: {logs}"
-    );
+    let logs = relay.wait_logs(&wanted, Duration::from_secs(10));
     assert!(
         !logs.contains('\u{1b}'),
         "escape codes in a log file: {logs:?}"

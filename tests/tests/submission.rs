@@ -897,7 +897,7 @@ async fn hash_password_output_logs_in() {
 
 #[tokio::test]
 async fn phi_never_in_logs_audit_or_state_files() {
-    let relay = Relay::start(RelayConfig {
+    let mut relay = Relay::start(RelayConfig {
         rust_log: "debug".into(),
         ..RelayConfig::default()
     });
@@ -917,6 +917,8 @@ async fn phi_never_in_logs_audit_or_state_files() {
         .unwrap()
         .assert(554, "5.7.1");
     c.cmd("QUIT").await.unwrap();
+    // stopped, so every log line has reached the files before they are searched
+    assert!(relay.sigterm().success());
 
     let logs = relay.logs();
     assert!(
