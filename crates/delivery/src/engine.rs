@@ -32,7 +32,7 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest sleep of the scheduler when nothing is due.
 const MAX_SLEEP: Duration = Duration::from_secs(30);
 /// Why a recipient stays queued when the audit log failed before its message was sent.
-pub(crate) const AUDIT_DOWN: &str =
+const AUDIT_DOWN: &str =
     "4.3.0 the audit log has failed: nothing is sent without its audit record; retried after a restart";
 /// How long a stopping engine waits for hand-offs whose commits are still running.
 const HANDOFF_DRAIN: Duration = Duration::from_secs(30);
@@ -276,7 +276,8 @@ impl Engine {
                 break;
             }
             while tasks.try_join_next().is_some() {}
-            if self.inner().audit.failed() {
+            let inner = self.inner();
+            if inner.audit.failed() {
                 // Nothing leaves without its audit record (fail-closed, as submission refuses
                 // new mail): nothing is leased, and hand-offs are given back (each message is
                 // due again when its lease ends, or at the next start). A failed log stays
@@ -299,7 +300,6 @@ impl Engine {
             while let Ok((lease, permit)) = handed.try_recv() {
                 self.start(&mut tasks, &recording, lease, permit, Via::Handoff);
             }
-            let inner = self.inner();
             // Slots for as many messages as are due are taken before asking, so every lease
             // returned has one and the loop never waits for a slot. Only that many: hand-offs
             // keep the rest while the lease is committed.
@@ -507,7 +507,7 @@ impl Inner {
     /// [`Inner::audit_tls`] for the attempt on a session that will carry the message: returns
     /// once the line is in the file, so a log that this record fails has failed by then and
     /// the transaction sees it (see `transact`).
-    pub(crate) async fn audit_tls_before_sending(&self, rec: Record, tls: Json, verdict: Verdict) {
+    async fn audit_tls_before_sending(&self, rec: Record, tls: Json, verdict: Verdict) {
         self.audit_counted(rec.tls(tls), Some(verdict), true).await;
     }
 
